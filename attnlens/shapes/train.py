@@ -1,0 +1,396 @@
+"""Train the embedded Shapes model: VAE first, then CLIP text encoder + UNet.
+
+Every stage is resumable: checkpoints are written atomically to ``WORKDIR/<stage>.safetensors``
+every ``--save-every`` steps, and a run started again continues from the last one. Data item ``i``
+of step ``s`` is a pure function of ``(seed, s * batch + i)``, so a resumed run sees exactly the data
+an uninterrupted run would have seen.
+
+Usage::
+
+    python -m attnlens.shapes.train vae  --workdir runs/shapes --steps 3000
+    python -m attnlens.shapes.train unet --workdir runs/shapes --steps 20000
+    python -m attnlens.shapes.train export --workdir runs/shapes --out attnlens/models/shapes
+
+The objective is the standard one of each part (reconstruction + KL for the VAE, the epsilon
+denoising loss for the UNet, with min-SNR weighting); nothing supervises attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ._checkpoint import load_checkpoint, save_checkpoint
+from ._world import BACKGROUNDS, COLOURS, ShapesDataset
+
+# ------------------------------------------------------------------------------------------ configs
+
+
+@dataclass
+class VAEConfig:
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 16
+    batch: int = 32
+    lr: float = 1e-3
+    warmup: int = 200
+    kl_weight: float = 1e-6
+    object_weight: float = 4.0  # extra loss weight on object pixels: the object is a small share of the image
+
+
+@dataclass
+class UNetConfig:
+    block_out_channels: tuple[int, ...] = (32, 64, 128)
+    layers_per_block: int = 2
+    cross_attention_dim: int = 128
+    attention_head_dim: int = 16
+    text_width: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    batch: int = 32
+    lr: float = 6e-4
+    warmup: int = 500
+    cfg_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.999
+
+
+TINY_VAE = VAEConfig(block_out_channels=(8, 8, 8), norm_num_groups=4, batch=4)
+TINY_UNET = UNetConfig(block_out_channels=(16, 16, 16), cross_attention_dim=16, attention_head_dim=8,
+                       text_width=16, text_layers=1, text_heads=2, batch=4)
+
+
+def build_vae(cfg: VAEConfig):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.norm_num_groups,
+        sample_size=64,
+    )
+
+
+def build_text_encoder(cfg: UNetConfig):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .._tokenizer import VOCAB_SIZE
+
+    config = CLIPTextConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=cfg.text_width,
+        intermediate_size=cfg.text_width * 4,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        projection_dim=cfg.text_width,
+    )
+    return CLIPTextModel(config)
+
+
+def build_unet(cfg: UNetConfig, latent_channels: int = 4, sample_size: int = 16):
+    from diffusers import UNet2DConditionModel
+
+    n = len(cfg.block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        cross_attention_dim=cfg.cross_attention_dim,
+        attention_head_dim=cfg.attention_head_dim,
+        norm_num_groups=min(32, cfg.block_out_channels[0] // 2),
+    )
+
+
+def build_scheduler():
+    from diffusers import DDIMScheduler
+
+    # Stable Diffusion 1.x's training schedule.
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _batch(ds: ShapesDataset, step: int, size: int) -> dict:
+    items = [ds[(step * size + i) % len(ds)] for i in range(size)]
+    return {
+        "pixels": torch.from_numpy(np.stack([it["pixels"] for it in items])),
+        "mask": torch.from_numpy(np.stack([it["mask"] for it in items])),
+        "prompt": [it["prompt"] for it in items],
+        "items": items,
+    }
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _progress(iterable, total: int, initial: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, initial=initial, desc=desc, mininterval=5.0, file=sys.stderr)
+
+
+def vae_round_trip_report(vae, n: int = 256, seed: int = 10_000) -> dict:
+    """Round-trip ``n`` held-out renders through the VAE and read them with the oracle.
+
+    Returns the share of images whose every attribute survives, and the share per attribute.
+    """
+    from .oracle import read
+
+    ds = ShapesDataset(n, seed=seed)
+    keys = ("shape", "colour", "size", "position", "background")
+    hits = {k: 0 for k in keys}
+    all_ok = 0
+    vae.eval()
+    with torch.no_grad():
+        for start in range(0, n, 32):
+            batch = [ds[i] for i in range(start, min(n, start + 32))]
+            x = torch.from_numpy(np.stack([b["pixels"] for b in batch]))
+            y = vae.decode(vae.encode(x).latent_dist.mode()).sample
+            images = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+            for item, image in zip(batch, images):
+                r = read(image)
+                ok = True
+                for k in keys:
+                    good = r.found and r.attributes.get(k) == item[k]
+                    hits[k] += good
+                    ok &= good
+                all_ok += ok
+    vae.train()
+    out = {k: hits[k] / n for k in keys}
+    out["all"] = all_ok / n
+    return out
+
+
+# ------------------------------------------------------------------------------------------ stages
+
+
+def train_vae(workdir: Path, steps: int, cfg: VAEConfig, seed: int, save_every: int, eval_every: int) -> None:
+    torch.manual_seed(seed)
+    vae = build_vae(cfg)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, steps))
+    ckpt = workdir / "vae.safetensors"
+    start = 0
+    if ckpt.exists():
+        meta = load_checkpoint(ckpt, {"vae": vae}, {"opt": opt})
+        start = meta["step"]
+        sched.last_epoch = start - 1
+        sched.step()
+        print(f"resumed VAE at step {start}", file=sys.stderr)
+    ds = ShapesDataset(10**9, seed=seed)
+    log = workdir / "vae_log.jsonl"
+    gen = torch.Generator().manual_seed(seed + start)
+    t0 = time.time()
+    for step in _progress(range(start, steps), steps, start, "vae"):
+        b = _batch(ds, step, cfg.batch)
+        x = b["pixels"]
+        weight = 1.0 + cfg.object_weight * b["mask"].float()[:, None]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+            y = vae.decode(z).sample.float()
+        err = y - x
+        rec = ((err.abs() + err.pow(2)) * weight).mean()
+        kl = post.kl().mean()
+        loss = rec + cfg.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        done = step + 1
+        if done % 50 == 0:
+            with log.open("a") as f:
+                f.write(json.dumps({"step": done, "rec": rec.item(), "kl": kl.item(), "s": time.time() - t0}) + "\n")
+        if done % eval_every == 0 or done == steps:
+            report = vae_round_trip_report(vae)
+            with log.open("a") as f:
+                f.write(json.dumps({"step": done, "round_trip": report}) + "\n")
+            print(f"step {done}: round trip {report}", file=sys.stderr)
+        if done % save_every == 0 or done == steps:
+            save_checkpoint(ckpt, {"vae": vae}, {"opt": opt}, {"step": done, "config": asdict(cfg), "seed": seed})
+
+
+def _load_vae(workdir: Path):
+    ckpt = workdir / "vae.safetensors"
+    if not ckpt.exists():
+        raise SystemExit(f"no VAE checkpoint at {ckpt}: run the 'vae' stage first")
+    meta = json.loads(ckpt.with_name(ckpt.name + ".json").read_text())["meta"]
+    vae = build_vae(VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}))
+    load_checkpoint(ckpt, {"vae": vae}, {})
+    vae.requires_grad_(False).eval()
+    return vae
+
+
+@torch.no_grad()
+def latent_scale(vae, n: int = 512, seed: int = 20_000) -> float:
+    """1 / std of the VAE's latents over ``n`` renders: Stable Diffusion's ``scaling_factor``."""
+    ds = ShapesDataset(n, seed=seed)
+    x = torch.from_numpy(np.stack([ds[i]["pixels"] for i in range(n)]))
+    z = torch.cat([vae.encode(x[i : i + 64]).latent_dist.mode() for i in range(0, n, 64)])
+    return float(1.0 / z.std())
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1.0 - decay)
+
+
+def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every: int) -> None:
+    from .._tokenizer import load_tokenizer
+
+    torch.manual_seed(seed)
+    vae = _load_vae(workdir)
+    tokenizer = load_tokenizer()
+    text = build_text_encoder(cfg)
+    unet = build_unet(cfg, latent_channels=vae.config.latent_channels)
+    ema_text, ema_unet = copy.deepcopy(text).requires_grad_(False), copy.deepcopy(unet).requires_grad_(False)
+    params = list(text.parameters()) + list(unet.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, steps))
+    noise_sched = build_scheduler()
+    alphas = noise_sched.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    ckpt = workdir / "unet.safetensors"
+    modules = {"text": text, "unet": unet, "ema_text": ema_text, "ema_unet": ema_unet}
+    start, scale = 0, None
+    if ckpt.exists():
+        meta = load_checkpoint(ckpt, modules, {"opt": opt})
+        start, scale = meta["step"], meta["scaling_factor"]
+        sched.last_epoch = start - 1
+        sched.step()
+        print(f"resumed UNet at step {start}", file=sys.stderr)
+    if scale is None:
+        scale = latent_scale(vae)
+    ds = ShapesDataset(10**9, seed=seed + 1)
+    log = workdir / "unet_log.jsonl"
+    t0 = time.time()
+    for step in _progress(range(start, steps), steps, start, "unet"):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        b = _batch(ds, step, cfg.batch)
+        prompts = ["" if torch.rand((), generator=gen) < cfg.cfg_dropout else p for p in b["prompt"]]
+        ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            post = vae.encode(b["pixels"]).latent_dist
+            z0 = (post.mean + post.std * torch.randn(post.mean.shape, generator=gen)) * scale
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (z0.shape[0],), generator=gen)
+        zt = noise_sched.add_noise(z0, noise, t)
+        cond = text(ids).last_hidden_state
+        pred = unet(zt, t, encoder_hidden_states=cond).sample
+        weight = torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t]  # min-SNR-gamma, epsilon objective
+        loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        _ema_update(ema_text, text, decay)
+        _ema_update(ema_unet, unet, decay)
+        done = step + 1
+        if done % 50 == 0:
+            with log.open("a") as f:
+                f.write(json.dumps({"step": done, "loss": loss.item(), "lr": sched.get_last_lr()[0],
+                                    "s": time.time() - t0}) + "\n")
+        if done % save_every == 0 or done == steps:
+            save_checkpoint(ckpt, modules, {"opt": opt},
+                            {"step": done, "config": asdict(cfg), "seed": seed, "scaling_factor": scale})
+
+
+def export(workdir: Path, out: Path, use_ema: bool = True) -> Path:
+    """Write the trained parts as a diffusers ``StableDiffusionPipeline`` folder (fp16 safetensors)."""
+    from diffusers import StableDiffusionPipeline
+
+    from .._tokenizer import load_tokenizer
+
+    vae = _load_vae(workdir)
+    ckpt = workdir / "unet.safetensors"
+    meta = json.loads(ckpt.with_name(ckpt.name + ".json").read_text())["meta"]
+    cfg = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
+    text, unet = build_text_encoder(cfg), build_unet(cfg, latent_channels=vae.config.latent_channels)
+    key = ("ema_text", "ema_unet") if use_ema else ("text", "unet")
+    load_checkpoint(ckpt, {key[0]: text, key[1]: unet}, {})
+    vae.register_to_config(scaling_factor=meta["scaling_factor"])
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=load_tokenizer(), unet=unet,
+                                   scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.to(torch.float16)
+    pipe.save_pretrained(out, safe_serialization=True)
+    (Path(out) / "training.json").write_text(json.dumps({"unet_step": meta["step"], "config": meta["config"],
+                                                          "seed": meta["seed"], "ema": use_ema}, indent=1))
+    return Path(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m attnlens.shapes.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=["vae", "unet", "export"])
+    parser.add_argument("--workdir", type=Path, default=Path("runs/shapes"))
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-every", type=int, default=100)
+    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    parser.add_argument("--tiny", action="store_true", help="tiny configs, for tests")
+    parser.add_argument("--out", type=Path, help="export: the diffusers folder to write")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.stage == "vae":
+        train_vae(args.workdir, args.steps, TINY_VAE if args.tiny else VAEConfig(), args.seed,
+                  args.save_every, args.eval_every)
+    elif args.stage == "unet":
+        train_unet(args.workdir, args.steps, TINY_UNET if args.tiny else UNetConfig(), args.seed, args.save_every)
+    else:
+        if args.out is None:
+            parser.error("export needs --out")
+        print(export(args.workdir, args.out))
+
+
+if __name__ == "__main__":
+    main()

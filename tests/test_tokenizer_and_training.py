@@ -1,0 +1,33 @@
+import json
+
+import torch
+
+from attnlens._tokenizer import load_tokenizer
+from attnlens.shapes import train
+
+
+def test_tokenizer_matches_sd1_ids():
+    tok = load_tokenizer()
+    assert len(tok) == 49408
+    # ids of Stable Diffusion 1.x's tokenizer for a well-known prompt
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert tok.tokenize("hexagon") == ["hex", "agon</w>"]
+    ids = tok("a red star", padding="max_length", max_length=77).input_ids
+    assert len(ids) == 77 and ids[-1] == 49407
+
+
+def test_training_runs_resumes_and_exports(tmp_path):
+    work = tmp_path / "run"
+    train.main(["vae", "--tiny", "--workdir", str(work), "--steps", "2", "--save-every", "1", "--eval-every", "1000"])
+    train.main(["unet", "--tiny", "--workdir", str(work), "--steps", "2", "--save-every", "1"])
+    first = json.loads((work / "unet.safetensors.json").read_text())["meta"]["step"]
+    train.main(["unet", "--tiny", "--workdir", str(work), "--steps", "3", "--save-every", "1"])
+    assert first == 2
+    assert json.loads((work / "unet.safetensors.json").read_text())["meta"]["step"] == 3
+    out = train.export(work, tmp_path / "pipe")
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32, use_safetensors=True)
+    image = pipe("a red star", num_inference_steps=2, guidance_scale=3.0, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 64, 3)
