@@ -1,0 +1,233 @@
+"""The attention cache that :func:`attnlens.capture` fills: maps by (layer, step), word maps, save/load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ._errors import AttnlensError
+from ._layers import LayerInfo
+
+SPECIAL = {"<start>": "start", "<|startoftext|>": "start", "<end>": "end", "<|endoftext|>": "end", "<pad>": "pad"}
+
+
+def _words(tokens: list[str]) -> list[tuple[str, list[int]]]:
+    """Group a prompt's tokens (start token first) into words: ``[(word, token positions)]``."""
+    out: list[tuple[str, list[int]]] = []
+    current, pos = "", []
+    for i, tok in enumerate(tokens[1:], start=1):
+        if tok == "<|endoftext|>":
+            break
+        current += tok.replace("</w>", "")
+        pos.append(i)
+        if tok.endswith("</w>"):
+            out.append((current, pos))
+            current, pos = "", []
+    if pos:
+        out.append((current, pos))
+    return out
+
+
+class AttentionCache:
+    """Attention maps of one run. ``cache[layer, step]`` is ``(items, heads, h, w, keys)``.
+
+    ``items`` follow :attr:`items` (``(branch, prompt)`` pairs, unconditional first); maps reduced over
+    steps at capture time are under step ``None``.
+    """
+
+    def __init__(self, layers: dict[str, LayerInfo], tokenizer: Any = None) -> None:
+        self.layers = layers
+        self.maps: dict[tuple[str, int | None], torch.Tensor] = {}
+        self.items: list[tuple[str, int]] = []
+        self.steps: list[int] = []
+        self.latent_hw: tuple[int, int] = (0, 0)
+        self.tokens: list[list[str]] = []
+        self._tokenizer = tokenizer
+        self._counts: dict[str, int] = {}
+        self._reduce: str | None = None
+        self._text_calls: list[torch.Tensor] = []
+
+    # ----------------------------------------------------------------- filled by capture
+    def _text_pre_hook(self, module, args, kwargs) -> None:
+        ids = args[0] if args else kwargs.get("input_ids")
+        if ids is not None and not self.maps:
+            self._text_calls.append(ids.detach().cpu())
+
+    def _begin(self, rows, steps, latent_hw) -> None:
+        self.items = [(branch, p) for _, branch, p in rows]
+        self.steps, self.latent_hw = list(steps), tuple(latent_hw)
+        if self._text_calls and self._tokenizer is not None:
+            ids = self._text_calls[0]  # the pipeline encodes the prompts before the negative prompts
+            self.tokens = [self._tokenizer.convert_ids_to_tokens(row.tolist()) for row in ids]
+
+    def _add(self, layer: str, step: int, maps: torch.Tensor, reduce: str | None, dtype: torch.dtype) -> None:
+        maps = maps.detach()
+        if reduce is None:
+            self.maps[(layer, step)] = maps.to("cpu", dtype)
+            return
+        key = (layer, None)
+        acc = self.maps.get(key)
+        acc = maps.float().cpu() if acc is None else acc.float() + maps.float().cpu()
+        self._counts[layer] = self._counts.get(layer, 0) + 1
+        self.maps[key] = acc  # a running sum; divided by the count on read for reduce="mean"
+        self._reduce = reduce
+
+    # ----------------------------------------------------------------- access
+    def __getitem__(self, key: tuple[str, int | None]) -> torch.Tensor:
+        layer, step = key
+        if layer not in self.layers:
+            raise AttnlensError(f"layer {layer!r} was not captured; captured: {', '.join(self.layers)}")
+        if (layer, step) not in self.maps:
+            have = sorted({s for (l, s) in self.maps if l == layer}, key=lambda s: -1 if s is None else s)
+            raise AttnlensError(f"no map for layer {layer!r} at step {step!r}; captured steps: {have}")
+        m = self.maps[(layer, step)]
+        if step is None and self._reduce == "mean":
+            m = m / self._counts.get(layer, 1)
+        return m
+
+    def keys(self) -> list[tuple[str, int | None]]:
+        return list(self.maps)
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    def _item(self, prompt: int, branch: str) -> int:
+        try:
+            return self.items.index((branch, prompt))
+        except ValueError:
+            raise AttnlensError(f"prompt {prompt} ({branch}) was not captured; captured items: {self.items}") from None
+
+    def aggregate(self, layers: Sequence[str] | None = None, steps: Sequence[int] | None = None,
+                  kind: str = "cross", size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Average maps over layers, steps and heads, brought to one grid: ``(items, h, w, keys)``.
+
+        ``size`` defaults to the largest captured grid; smaller grids are upsampled bilinearly.
+        """
+        names = [n for n in (layers or self.layers) if self.layers[n].kind == kind] if layers is None else list(layers)
+        for n in names:
+            if n not in self.layers:
+                raise AttnlensError(f"layer {n!r} was not captured; captured: {', '.join(self.layers)}")
+        picked = [k for k in self.maps if k[0] in names and (steps is None or k[1] in steps)]
+        if not picked:
+            raise AttnlensError(f"no captured {kind}-attention maps for layers={layers!r}, steps={steps!r}; captured: "
+                                f"{sorted({k[0] for k in self.maps})} at steps {sorted({str(k[1]) for k in self.maps})}")
+        maps = [self[k].float().mean(dim=1) for k in picked]  # (items, h, w, keys)
+        keys = {m.shape[-1] for m in maps}
+        if len(keys) > 1:
+            raise AttnlensError(f"cannot average maps with different key counts {sorted(keys)} (mixing layers of several grids in self-attention?)")
+        if size is None:
+            size = max((m.shape[1], m.shape[2]) for m in maps)
+        out = torch.zeros(maps[0].shape[0], *size, maps[0].shape[-1])
+        for m in maps:
+            if tuple(m.shape[1:3]) != tuple(size):
+                m = F.interpolate(m.permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+            out += m
+        return out / len(maps)
+
+    def p2p_layers(self) -> list[str]:
+        """Prompt-to-Prompt's layers: cross-attention of the down and up blocks at their lowest resolution
+        (the 16x16 maps of SD 1.x at 512x512)."""
+        cands = [i for i in self.layers.values() if i.kind == "cross" and not i.name.startswith("mid")]
+        if not cands:
+            raise AttnlensError("Prompt-to-Prompt's recipe needs cross-attention layers of the down and up blocks; none was captured")
+        deepest = max(i.level for i in cands)
+        return [i.name for i in cands if i.level == deepest]
+
+    def p2p_maps(self) -> torch.Tensor:
+        """The Prompt-to-Prompt recipe: :meth:`aggregate` over :meth:`p2p_layers`, ``(items, h, w, 77)``."""
+        return self.aggregate(self.p2p_layers())
+
+    # ----------------------------------------------------------------- words
+    def words(self, prompt: int = 0) -> list[str]:
+        """The words of a captured prompt, as the tokenizer split them."""
+        return [w for w, _ in _words(self._prompt_tokens(prompt))]
+
+    def _prompt_tokens(self, prompt: int) -> list[str]:
+        if not self.tokens:
+            raise AttnlensError("the prompt's tokens were not recorded (the pipeline has no tokenizer/text encoder hook)")
+        if not 0 <= prompt < len(self.tokens):
+            raise AttnlensError(f"prompt {prompt} out of range: {len(self.tokens)} prompt(s) captured")
+        return self.tokens[prompt]
+
+    def token_indices(self, word: str | int, prompt: int = 0, occurrence: int = 0) -> list[int]:
+        """Token positions of ``word`` in a prompt (several for a multi-token word or a phrase).
+
+        ``word`` may be a word or phrase of the prompt (case-insensitive), ``"<start>"``, ``"<end>"``,
+        ``"<pad>"`` (every position after the end token), or a token index.
+        """
+        tokens = self._prompt_tokens(prompt)
+        words = _words(tokens)
+        end = 1 + sum(len(p) for _, p in words)
+        if isinstance(word, int):
+            if not 0 <= word < len(tokens):
+                raise AttnlensError(f"token index {word} out of range 0..{len(tokens) - 1}")
+            return [word]
+        special = SPECIAL.get(word.strip().lower())
+        if special == "start":
+            return [0]
+        if special == "end":
+            return [end]
+        if special == "pad":
+            return list(range(end + 1, len(tokens)))
+        want = word.lower().split()
+        have = [w for w, _ in words]
+        found = [i for i in range(len(have) - len(want) + 1) if have[i : i + len(want)] == want]
+        if len(found) <= occurrence:
+            raise AttnlensError(
+                f"{word!r} is not a word of prompt {prompt} (occurrence {occurrence}); its words: {have}; its tokens: "
+                f"{tokens[: end + 1]}; also valid: '<start>', '<end>', '<pad>' or a token index"
+            )
+        i = found[occurrence]
+        return [p for _, pos in words[i : i + len(want)] for p in pos]
+
+    def word_map(self, word: str | int, prompt: int = 0, *, layers: Sequence[str] | None = None,
+                 steps: Sequence[int] | None = None, branch: str = "cond", occurrence: int = 0,
+                 size: tuple[int, int] | None = None) -> torch.Tensor:
+        """The heat map ``(h, w)`` of a word: its tokens' cross-attention summed, averaged over the captured
+        layers, steps and heads at a common grid (the largest captured, or ``size``).
+
+        Example: see :func:`attnlens.capture`.
+        """
+        idx = self.token_indices(word, prompt, occurrence)
+        maps = self.aggregate(layers, steps, "cross", size)
+        return maps[self._item(prompt, branch)][..., idx].sum(dim=-1)
+
+    # ----------------------------------------------------------------- persistence
+    def save(self, path: str | Path) -> Path:
+        """Write the cache as one safetensors file with its metadata as JSON inside (no pickle)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {f"{layer}@{'reduced' if step is None else step}": t.contiguous() for (layer, step), t in self.maps.items()}
+        meta = {
+            "layers": {n: i.to_dict() for n, i in self.layers.items()},
+            "items": self.items, "steps": self.steps, "latent_hw": list(self.latent_hw), "tokens": self.tokens,
+            "counts": self._counts, "reduce": self._reduce,
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"attnlens": json.dumps(meta)})
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AttentionCache":
+        """Read a cache written by :meth:`save`."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("attnlens")
+            if raw is None:
+                raise AttnlensError(f"{path} is not an attnlens cache (no 'attnlens' metadata)")
+            meta = json.loads(raw)
+            cache = cls({n: LayerInfo.from_dict(d) for n, d in meta["layers"].items()})
+            for key in f.keys():
+                layer, step = key.rsplit("@", 1)
+                cache.maps[(layer, None if step == "reduced" else int(step))] = f.get_tensor(key)
+        cache.items = [tuple(x) for x in meta["items"]]
+        cache.steps, cache.latent_hw, cache.tokens = meta["steps"], tuple(meta["latent_hw"]), meta["tokens"]
+        cache._counts, cache._reduce = meta["counts"], meta["reduce"]
+        return cache

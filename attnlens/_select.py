@@ -1,0 +1,135 @@
+"""The one selector type: which layers, steps, heads, CFG branch and prompts."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Callable, Sequence, Union
+
+from ._errors import AttnlensError, choices
+from ._layers import LayerInfo, LayerTable
+
+LayerSpec = Union[None, str, Sequence[str], Callable[[LayerInfo], bool]]
+StepSpec = Union[None, int, Sequence[int], slice, tuple[float, float]]
+BRANCHES = ("cond", "uncond", "both")
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Where to look. Every field is optional; the defaults select all of it.
+
+    Args:
+        layers: a glob over short names or module paths (``"up.*.cross"``), a list of names/globs, or a
+            callable ``LayerInfo -> bool``.
+        kind: ``"self"``, ``"cross"`` or ``None`` (both).
+        resolution: keep layers whose default-size query grid side is in this set (``16`` or ``(8, 16)``).
+        steps: an index, a list of indices, a ``slice``, or a fraction range ``(0.0, 0.8)`` of the schedule
+            (the first 80% of steps); indices count the pipeline's own denoising loop.
+        heads: ``"mean"`` (average over heads), ``"all"``, or a list of head indices.
+        branch: classifier-free-guidance half: ``"cond"``, ``"uncond"`` or ``"both"``.
+        prompts: indices of the prompts of the batch to keep (``None``: all).
+
+    Example:
+        >>> from attnlens._testing import tiny_pipeline
+        >>> from attnlens import layers
+        >>> [i.name for i in Selector(layers="mid.*").match(layers(tiny_pipeline()))]
+        ['mid.0.self', 'mid.0.cross']
+        >>> sorted(Selector(steps=(0.0, 0.5)).step_indices(10))
+        [0, 1, 2, 3, 4]
+    """
+
+    layers: LayerSpec = None
+    kind: str | None = None
+    resolution: int | Sequence[int] | None = None
+    steps: StepSpec = None
+    heads: str | Sequence[int] = "mean"
+    branch: str = "cond"
+    prompts: Sequence[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in (None, "self", "cross"):
+            raise AttnlensError(f"kind must be 'self', 'cross' or None, not {self.kind!r}")
+        if self.branch not in BRANCHES:
+            raise AttnlensError(f"branch must be one of {choices(BRANCHES)}, not {self.branch!r}")
+        if isinstance(self.heads, str) and self.heads not in ("mean", "all"):
+            raise AttnlensError(f"heads must be 'mean', 'all' or a list of head indices, not {self.heads!r}")
+        if not (self.layers is None or isinstance(self.layers, str) or callable(self.layers)
+                or (isinstance(self.layers, Sequence) and all(isinstance(x, str) for x in self.layers))):
+            raise AttnlensError(f"layers must be a glob, a list of names or a callable, not {type(self.layers).__name__}")
+
+    # ------------------------------------------------------------------ layers
+    def match(self, table: LayerTable) -> LayerTable:
+        """The layers of ``table`` this selector picks; an error naming the valid ones if none."""
+        spec = self.layers
+        if spec is None:
+            picked = list(table)
+        elif callable(spec):
+            picked = [i for i in table if spec(i)]
+        else:
+            globs = [spec] if isinstance(spec, str) else list(spec)
+            picked = []
+            for g in globs:
+                hits = [i for i in table if fnmatch.fnmatchcase(i.name, g) or fnmatch.fnmatchcase(i.path, g)]
+                if not hits:
+                    raise AttnlensError(f"layer selector {g!r} matches no layer; valid names: {', '.join(table.names())}")
+                picked += [h for h in hits if h not in picked]
+            picked = [i for i in table if i in picked]
+        if self.kind is not None:
+            picked = [i for i in picked if i.kind == self.kind]
+        if self.resolution is not None:
+            sides = {self.resolution} if isinstance(self.resolution, int) else set(self.resolution)
+            picked = [i for i in picked if i.resolution[0] in sides or i.resolution[1] in sides]
+        if not picked:
+            have = sorted({f"{i.kind}@{i.resolution[0]}x{i.resolution[1]}" for i in table})
+            raise AttnlensError(
+                f"the selection (layers={spec!r}, kind={self.kind!r}, resolution={self.resolution!r}) matches no "
+                f"layer; the model has: {', '.join(have)}; names: {', '.join(table.names())}"
+            )
+        return LayerTable(picked)
+
+    # ------------------------------------------------------------------ steps
+    def step_indices(self, n_steps: int) -> set[int]:
+        """The selected step indices for a schedule of ``n_steps`` steps."""
+        s = self.steps
+        if s is None:
+            return set(range(n_steps))
+        if isinstance(s, slice):
+            return set(range(n_steps)[s])
+        if isinstance(s, tuple) and len(s) == 2 and all(isinstance(x, float) for x in s):
+            lo, hi = s
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise AttnlensError(f"a fraction range of steps needs 0 <= start <= end <= 1, got {s}")
+            return {i for i in range(n_steps) if lo * n_steps <= i < hi * n_steps}
+        idx = [s] if isinstance(s, int) else list(s)
+        bad = [i for i in idx if not isinstance(i, int) or not -n_steps <= i < n_steps]
+        if bad:
+            raise AttnlensError(f"step(s) {bad} out of range: the schedule has {n_steps} steps (0..{n_steps - 1})")
+        return {i % n_steps for i in idx}
+
+    # ------------------------------------------------------------------ heads and batch
+    def head_indices(self, n_heads: int) -> list[int] | None:
+        """``None`` for the mean over heads, else the kept head indices."""
+        if self.heads == "mean":
+            return None
+        if self.heads == "all":
+            return list(range(n_heads))
+        bad = [h for h in self.heads if not 0 <= h < n_heads]
+        if bad:
+            raise AttnlensError(f"head(s) {bad} out of range: the layer has {n_heads} heads")
+        return list(self.heads)
+
+    def batch_items(self, batch: int, cfg: bool) -> list[tuple[int, str, int]]:
+        """``(row in the UNet batch, branch, prompt index)`` of each kept item, uncond first."""
+        per = batch // 2 if cfg else batch
+        if not cfg and self.branch == "uncond":
+            raise AttnlensError("branch='uncond' selected, but this run has no unconditional branch (guidance_scale <= 1)")
+        prompts = range(per) if self.prompts is None else list(self.prompts)
+        bad = [p for p in prompts if not 0 <= p < per]
+        if bad:
+            raise AttnlensError(f"prompt index(es) {bad} out of range: the batch has {per} prompt(s)")
+        rows = []
+        if cfg and self.branch in ("uncond", "both"):
+            rows += [(p, "uncond", p) for p in prompts]
+        if self.branch in ("cond", "both"):
+            rows += [((per if cfg else 0) + p, "cond", p) for p in prompts]
+        return rows
