@@ -107,7 +107,7 @@ def _vae_scale(obj: Any) -> int:
 
 
 def layers(pipe_or_unet: Any) -> LayerTable:
-    """Every attention layer of a pipeline's UNet, in module order.
+    """Every attention layer of a pipeline's UNet, in execution order (down blocks, mid block, up blocks).
 
     Example:
         >>> from attnlens._testing import tiny_pipeline
@@ -134,7 +134,7 @@ def layers(pipe_or_unet: Any) -> LayerTable:
         if getattr(block, "upsamplers", None):
             level -= 1
     vae_scale = _vae_scale(pipe_or_unet)
-    out = LayerTable()
+    found = []
     for path, module in unet.named_modules():
         if not isinstance(module, Attention):
             continue
@@ -155,7 +155,8 @@ def layers(pipe_or_unet: Any) -> LayerTable:
         kind = "cross" if module.is_cross_attention else "self"
         s = 2**lvl
         heads = module.heads
-        out.append(
+        order = ({"down": 0, "mid": 1, "up": 2}[part], int(m["block"] or 0), int(m["attn"]), int(m["t"]), m["which"])
+        found.append((order,
             LayerInfo(
                 name=f"{prefix}.{kind}",
                 path=path,
@@ -166,6 +167,5 @@ def layers(pipe_or_unet: Any) -> LayerTable:
                 heads=heads,
                 head_dim=module.inner_dim // heads,
                 module=module,
-            )
-        )
-    return out
+            )))
+    return LayerTable(info for _, info in sorted(found, key=lambda pair: pair[0]))
