@@ -54,7 +54,7 @@ class UNetConfig:
     block_out_channels: tuple[int, ...] = (32, 64, 128)
     layers_per_block: int = 2
     cross_attention_dim: int = 128
-    attention_head_dim: int = 16
+    attention_heads: int = 4  # per layer; head dim = channels / heads (8, 16, 32 here)
     text_width: int = 128
     text_layers: int = 2
     text_heads: int = 4
@@ -67,7 +67,7 @@ class UNetConfig:
 
 
 TINY_VAE = VAEConfig(block_out_channels=(8, 8, 8), norm_num_groups=4, batch=4)
-TINY_UNET = UNetConfig(block_out_channels=(16, 16, 16), cross_attention_dim=16, attention_head_dim=8,
+TINY_UNET = UNetConfig(block_out_channels=(16, 16, 16), cross_attention_dim=16, attention_heads=2,
                        text_width=16, text_layers=1, text_heads=2, batch=4)
 
 
@@ -122,7 +122,9 @@ def build_unet(cfg: UNetConfig, latent_channels: int = 4, sample_size: int = 16)
         block_out_channels=tuple(cfg.block_out_channels),
         layers_per_block=cfg.layers_per_block,
         cross_attention_dim=cfg.cross_attention_dim,
-        attention_head_dim=cfg.attention_head_dim,
+        # diffusers' UNet2DConditionModel reads `attention_head_dim` as the number of heads (a legacy
+        # name; SD 1.5's config says 8 and has 8 heads of 40..160 dims)
+        attention_head_dim=cfg.attention_heads,
         norm_num_groups=min(32, cfg.block_out_channels[0] // 2),
     )
 
