@@ -107,7 +107,7 @@ class AttentionCache:
 
         ``size`` defaults to the largest captured grid; smaller grids are upsampled bilinearly.
         """
-        names = [n for n in (layers or self.layers) if self.layers[n].kind == kind] if layers is None else list(layers)
+        names = [n for n, i in self.layers.items() if i.kind == kind] if layers is None else list(layers)
         for n in names:
             if n not in self.layers:
                 raise AttnlensError(f"layer {n!r} was not captured; captured: {', '.join(self.layers)}")
