@@ -65,8 +65,8 @@ class HookedProcessor:
     k and v: ``(batch, heads, keys, dim)``), called after the output is computed.
     """
 
-    def __init__(self, info: LayerInfo, hooks: list, base: Any) -> None:
-        self.info, self.hooks, self.base = info, hooks, base
+    def __init__(self, info: LayerInfo, hooks: list) -> None:
+        self.info, self.hooks = info, hooks
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         residual = hidden_states
@@ -268,7 +268,7 @@ def capture(
     for info in chosen:
         old = current[f"{info.path}.processor"]
         hooks = (old.hooks if isinstance(old, HookedProcessor) else []) + [recorder]
-        new[f"{info.path}.processor"] = HookedProcessor(info, hooks, old)
+        new[f"{info.path}.processor"] = HookedProcessor(info, hooks)
     handles = [unet.register_forward_pre_hook(clock.pre_hook, with_kwargs=True)]
     text = getattr(pipe, "text_encoder", None)
     if text is not None:
