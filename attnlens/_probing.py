@@ -1,0 +1,332 @@
+"""Attribute probes on attention features: grouped cross-validation, baseline, control task, selectivity.
+
+For every feature key ``(feature, layer, step)`` and attribute, :func:`probe` fits a scikit-learn
+classifier in ``cv`` folds that never share a group between train and test, and reports:
+
+* ``accuracy``: mean test accuracy over the folds, with a 95% t-interval over folds (``ci_low``,
+  ``ci_high``; ``interval`` is its half-width);
+* ``baseline``: the accuracy of predicting the training fold's majority class;
+* ``control``: the same probe, same folds, trained and tested on labels shuffled across samples
+  (a seeded permutation, class frequencies kept): what the probe scores on labels that carry nothing;
+* ``selectivity``: ``accuracy - control``.
+
+The folds of an attribute are computed once and reused at every site, so sites are compared on the
+same splits.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ._collect import Features, Key, site_name
+from ._errors import AttnlensError, choices
+from ._layers import LayerTable
+from ._select import Selector
+
+MODELS = ("logreg", "mlp")
+GROUP_BY = ("prompt", "seed", "both")
+COLUMNS = ["site", "layer", "step", "feature", "attribute", "accuracy", "ci_low", "ci_high", "interval", "baseline",
+           "control", "selectivity", "n", "n_classes", "folds", "model", "group_by"]
+
+
+def _estimator(model: Any, seed: int):
+    from sklearn.base import clone
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if model == "logreg":
+        return make_pipeline(StandardScaler(), LogisticRegression(max_iter=300))
+    if model == "mlp":  # the paper's probe: two linear layers with a ReLU between them
+        return make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(128,), alpha=1e-3, max_iter=300,
+                                                             random_state=seed))
+    if hasattr(model, "fit") and hasattr(model, "predict"):
+        return clone(model)
+    raise AttnlensError(f"model must be one of {choices(MODELS)} or a scikit-learn classifier, not {model!r}")
+
+
+def _groups(features: Features, group_by: Any) -> tuple[str, np.ndarray, np.ndarray | None]:
+    """``(name, groups, second groups for 'both')``."""
+    if isinstance(group_by, str):
+        if group_by not in GROUP_BY:
+            raise AttnlensError(f"group_by must be one of {choices(GROUP_BY)} or an array of group ids, not {group_by!r}")
+        if group_by == "prompt":
+            return "prompt", features.groups, None
+        if "seed" not in features.y:
+            raise AttnlensError(f"group_by={group_by!r} needs a 'seed' column in the labels; they have "
+                                f"{choices(features.y.columns)}")
+        seeds = pd.factorize(features.y["seed"])[0]
+        return (group_by, seeds, None) if group_by == "seed" else ("both", features.groups, seeds)
+    groups = np.asarray(group_by)
+    if groups.shape != (len(features),):
+        raise AttnlensError(f"label and group counts differ: {len(groups)} group ids for {len(features)} samples")
+    return "custom", groups, None
+
+
+def _splits(y: np.ndarray, groups: np.ndarray, second: np.ndarray | None, cv: int, seed: int,
+            attribute: str, group_name: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    values, counts = np.unique(y, return_counts=True)
+    if len(values) < 2:
+        raise AttnlensError(f"attribute {attribute!r} has a single class ({values[0]!r}) in these samples: "
+                            "nothing to decode")
+    single = [v for v, c in zip(values, counts) if c < 2]
+    if single:
+        raise AttnlensError(f"class(es) {choices(single)} of attribute {attribute!r} have a single sample; every class "
+                            "needs at least 2 (collect more, or drop those samples)")
+    for g, name in ((groups, group_name), (second, "seed")):
+        if g is None:
+            continue
+        lonely = [v for v in values if len(np.unique(g[y == v])) < 2]
+        if lonely:
+            raise AttnlensError(f"class(es) {choices(lonely)} of attribute {attribute!r} occur in a single {name} "
+                                "group, so grouped cross-validation can never both train and test on them; add "
+                                "prompts or seeds, or drop those samples")
+        if len(np.unique(g)) < cv:
+            raise AttnlensError(f"cv={cv} folds need at least {cv} {name} groups; there are {len(np.unique(g))}")
+    if cv < 2:
+        raise AttnlensError(f"cv must be >= 2, got {cv}")
+    if second is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "the least populated class has fewer than n_splits"
+            return [(tr, te) for tr, te in StratifiedGroupKFold(cv, shuffle=True, random_state=seed).split(
+                np.zeros(len(y)), y, groups)]
+    rng = np.random.default_rng(seed)
+
+    def fold_of(g):
+        ids = np.unique(g)
+        fold = dict(zip(rng.permutation(ids), np.arange(len(ids)) % cv))
+        return np.array([fold[v] for v in g])
+
+    fp, fs = fold_of(groups), fold_of(second)
+    out = []
+    for k in range(cv):
+        train, test = np.flatnonzero((fp != k) & (fs != k)), np.flatnonzero((fp == k) & (fs == k))
+        if len(test) and len(train):
+            out.append((train, test))
+    if len(out) < 2:
+        raise AttnlensError("group_by='both' left fewer than 2 usable folds; use more prompts and seeds or fewer folds")
+    return out
+
+
+def _fit_score(est, X, y, train, test) -> float:
+    ytr = y[train]
+    if len(np.unique(ytr)) < 2:  # a fold whose training part has one class: the classifier is that constant
+        return float(np.mean(y[test] == ytr[0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence warnings: max_iter is part of the probe's definition
+        est.fit(X[train], ytr)
+    return float(np.mean(est.predict(X[test]) == y[test]))
+
+
+def _interval(acc: np.ndarray) -> tuple[float, float]:
+    from scipy import stats
+
+    if len(acc) < 2:
+        return float("nan"), float("nan")
+    half = float(stats.t.ppf(0.975, len(acc) - 1) * acc.std(ddof=1) / np.sqrt(len(acc)))
+    return half, half
+
+
+def _select_keys(features: Features, sites: Any, feature: Any) -> list[Key]:
+    keys = features.keys()
+    if feature is not None:
+        want = [feature] if isinstance(feature, str) else list(feature)
+        bad = [f for f in want if f not in features.features]
+        if bad:
+            raise AttnlensError(f"feature(s) {choices(bad)} were not collected; collected: {choices(features.features)}")
+        keys = [k for k in keys if k[0] in want]
+    if sites is None:
+        return keys
+    have_layers = list(dict.fromkeys(k[1] for k in keys))
+    if isinstance(sites, Selector):
+        if not features.layers:
+            raise AttnlensError("these features carry no layer table, so a Selector cannot filter them; pass a list "
+                                "of (layer, step) sites")
+        table = LayerTable(features.layers[n] for n in have_layers if n in features.layers)
+        names = set(sites.match(table).names())
+        steps = sites.step_indices(features.n_steps) if features.n_steps else None
+        picked = [k for k in keys if k[1] in names and (steps is None or k[2] in steps)]
+        if not picked:
+            raise AttnlensError(f"the selector picks no captured site; captured steps: "
+                                f"{sorted({k[2] for k in keys}, key=str)}, layers: {choices(have_layers)}")
+        return picked
+    want = []
+    for s in sites:
+        if isinstance(s, str):
+            layer, _, step = s.partition("@")
+            s = (layer, None if step in ("", "mean") else int(step))
+        want.append(tuple(s))
+    have = {(k[1], k[2]) for k in keys}
+    bad = [w for w in want if w not in have]
+    if bad:
+        raise AttnlensError(f"site(s) {choices(site_name(*b) for b in bad)} were not captured; captured: "
+                            f"{', '.join(site_name(*h) for h in sorted(have, key=str)[:12])}"
+                            f"{' ...' if len(have) > 12 else ''}")
+    return [k for k in keys if (k[1], k[2]) in want]
+
+
+def probe(
+    features: Features,
+    attribute: str | Sequence[str],
+    *,
+    sites: Selector | Sequence[Any] | None = None,
+    feature: str | Sequence[str] | None = None,
+    model: Any = "logreg",
+    cv: int = 5,
+    group_by: str | Sequence = "prompt",
+    control: bool = True,
+    seed: int = 0,
+    n_jobs: int | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Fit a probe per feature key and attribute; return a tidy DataFrame, one row per (key, attribute).
+
+    Args:
+        features: from :func:`attnlens.collect` or :func:`attnlens.load_features` (or hand-made).
+        attribute: a label column, or several.
+        sites: restrict to a :class:`~attnlens.Selector` or to a list of ``(layer, step)`` /
+            ``"layer@step"`` sites (``None``: every collected site).
+        feature: restrict to these feature names (word features or ``"self"``).
+        model: ``"logreg"`` (standardise + logistic regression), ``"mlp"`` (standardise + a 2-layer MLP with
+            128 hidden units, the paper's probe) or any scikit-learn classifier (cloned per fit).
+        cv: number of folds.
+        group_by: ``"prompt"`` (no prompt in both train and test), ``"seed"`` (no seed in both), ``"both"``
+            (neither: fold ``k`` tests on prompts of prompt-fold ``k`` x seeds of seed-fold ``k`` and trains on
+            the other prompts x other seeds, so each fold uses about ``(1 - 1/cv)**2`` of the data to train),
+            or an array of group ids.
+        control: also fit the shuffled-label control task (doubles the cost).
+        seed: seeds the folds, the control's permutation and the MLP.
+        n_jobs: fit keys in parallel with joblib (``None``: one process).
+        progress: show a progress bar over keys.
+
+    Returns:
+        DataFrame with columns ``site, layer, step, feature, attribute, accuracy, ci_low, ci_high, interval,
+        baseline, control, selectivity, n, n_classes, folds, model, group_by``.
+
+    Example:
+        >>> import numpy as np, pandas as pd
+        >>> rng = np.random.default_rng(0)
+        >>> y = pd.DataFrame({"colour": np.repeat(["red", "blue"], 40), "prompt": np.arange(80) // 4})
+        >>> X = rng.normal(size=(80, 10)); X[:, 0] += np.where(y.colour == "red", 3.0, -3.0)
+        >>> df = probe(Features({("word", "mid.0.cross", 0): X}, y), "colour", cv=4)
+        >>> row = df.iloc[0]
+        >>> row.site, bool(row.accuracy > 0.95), bool(row.baseline <= 0.6), bool(abs(row.control - 0.5) < 0.25)
+        ('mid.0.cross@0', True, True, True)
+    """
+    if not isinstance(features, Features):
+        raise AttnlensError(f"probe takes attnlens Features (from collect or load_features), not {type(features).__name__}")
+    attributes = [attribute] if isinstance(attribute, str) else list(attribute)
+    bad = [a for a in attributes if a not in features.labels]
+    if bad:
+        raise AttnlensError(f"unknown attribute(s) {choices(bad)}; the labels are {choices(features.labels)}")
+    keys = _select_keys(features, sites, feature)
+    group_name, groups, second = _groups(features, group_by)
+    name = model if isinstance(model, str) else type(model).__name__
+    _estimator(model, seed)  # validate early
+    plans = {}
+    for a in attributes:
+        y = features.y[a].astype(str).to_numpy()
+        splits = _splits(y, groups, second, cv, seed, a, group_name)
+        baseline = []
+        for tr, te in splits:
+            values, counts = np.unique(y[tr], return_counts=True)
+            baseline.append(float(np.mean(y[te] == values[np.argmax(counts)])))
+        shuffled = np.random.default_rng([seed, 1]).permutation(y)
+        plans[a] = (y, splits, float(np.mean(baseline)), shuffled)
+
+    def run(key: Key) -> list[dict]:
+        X = np.asarray(features[key], dtype=np.float32)
+        if X.shape[0] != len(features):
+            raise AttnlensError(f"label and feature counts differ: {key} has {X.shape[0]} rows for {len(features)} labels")
+        rows = []
+        for a, (y, splits, base, shuffled) in plans.items():
+            acc = np.array([_fit_score(_estimator(model, seed), X, y, tr, te) for tr, te in splits])
+            ctrl = np.mean([_fit_score(_estimator(model, seed), X, shuffled, tr, te) for tr, te in splits]) \
+                if control else np.nan
+            half, _ = _interval(acc)
+            mean = float(acc.mean())
+            rows.append({
+                "site": site_name(key[1], key[2]), "layer": key[1], "step": key[2], "feature": key[0], "attribute": a,
+                "accuracy": mean, "ci_low": max(0.0, mean - half), "ci_high": min(1.0, mean + half), "interval": half,
+                "baseline": base, "control": float(ctrl), "selectivity": mean - float(ctrl), "n": len(y),
+                "n_classes": len(np.unique(y)), "folds": len(splits), "model": name, "group_by": group_name,
+            })
+        return rows
+
+    if n_jobs not in (None, 1):
+        from joblib import Parallel, delayed
+
+        results = Parallel(n_jobs=n_jobs)(delayed(run)(k) for k in keys)
+    else:
+        it = keys
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(keys, desc="probe", unit="site")
+        results = [run(k) for k in it]
+    return pd.DataFrame([r for rs in results for r in rs], columns=COLUMNS)
+
+
+def probe_heatmap(df: pd.DataFrame, attribute: str | Sequence[str] | None = None, *, feature: str | None = None,
+                  value: str = "accuracy"):
+    """A plotly heat map of ``value`` by layer (rows, execution order) and step (columns), one panel per
+    attribute (and one row of panels per feature when ``df`` holds several).
+
+    Example:
+        >>> df = pd.DataFrame({"layer": ["a", "a", "b", "b"], "step": [0, 1, 0, 1], "feature": "w",
+        ...                    "attribute": "colour", "accuracy": [0.5, 0.6, 0.7, 0.9]})
+        >>> fig = probe_heatmap(df)
+        >>> fig.data[0].z.tolist()
+        [[0.5, 0.6], [0.7, 0.9]]
+    """
+    try:
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+    except ImportError:
+        raise AttnlensError("probe_heatmap needs plotly: pip install plotly (or attnlens[book])") from None
+    need = {"layer", "step", "feature", "attribute", value}
+    if not need <= set(df.columns):
+        raise AttnlensError(f"the table lacks column(s) {choices(sorted(need - set(df.columns)))}; pass probe()'s output")
+    if attribute is not None:
+        want = [attribute] if isinstance(attribute, str) else list(attribute)
+        bad = [a for a in want if a not in set(df["attribute"])]
+        if bad:
+            raise AttnlensError(f"attribute(s) {choices(bad)} not in the table; it has {choices(df['attribute'].unique())}")
+        df = df[df["attribute"].isin(want)]
+    if feature is not None:
+        if feature not in set(df["feature"]):
+            raise AttnlensError(f"feature {feature!r} not in the table; it has {choices(df['feature'].unique())}")
+        df = df[df["feature"] == feature]
+    if df.empty:
+        raise AttnlensError("nothing to plot: the table is empty")
+    attrs, feats = list(dict.fromkeys(df["attribute"])), list(dict.fromkeys(df["feature"]))
+    titles = [f"{f}: {a}" if len(feats) > 1 else a for f in feats for a in attrs]
+    fig = make_subplots(rows=len(feats), cols=len(attrs), subplot_titles=titles, shared_yaxes=False,
+                        horizontal_spacing=0.08, vertical_spacing=0.12 if len(feats) > 1 else 0.1)
+    lo, hi = (-1.0, 1.0) if value == "selectivity" else (0.0, 1.0)
+    for r, f in enumerate(feats, 1):
+        for c, a in enumerate(attrs, 1):
+            part = df[(df["feature"] == f) & (df["attribute"] == a)]
+            if part.empty:
+                continue
+            layers = list(dict.fromkeys(part["layer"]))
+            steps = sorted(part["step"].unique(), key=lambda s: (s is None, s))
+            grid = part.pivot_table(index="layer", columns="step", values=value, aggfunc="mean").reindex(
+                index=layers, columns=steps)
+            fig.add_trace(go.Heatmap(z=grid.to_numpy(), x=[str(s) for s in steps], y=layers, zmin=lo, zmax=hi,
+                                     colorscale="Viridis", coloraxis="coloraxis",
+                                     hovertemplate=f"layer %{{y}}<br>step %{{x}}<br>{value} %{{z:.3f}}<extra>{f}: {a}</extra>"),
+                          row=r, col=c)
+            fig.update_yaxes(autorange="reversed", row=r, col=c)
+            fig.update_xaxes(title_text="step", row=r, col=c)
+    fig.update_layout(coloraxis={"colorscale": "Viridis", "cmin": lo, "cmax": hi, "colorbar": {"title": value}},
+                      height=max(320, 260 * len(feats)), width=max(420, 330 * len(attrs)),
+                      title=f"probe {value} by layer and step")
+    return fig

@@ -1,0 +1,279 @@
+"""Probing: collection invariants, shards and resume, data-parallel collection, grouped CV, bad input."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+
+import attnlens
+import attnlens._collect as collect_module
+from attnlens import AttnlensError, Features, Selector, capture, collect, load_features, probe, probe_heatmap, shapes
+from attnlens._testing import tiny_pipeline
+
+STEPS = 2
+SITES = Selector(kind=None, layers=["mid.*", "up.1.0.*"])
+WORDS = {"shape": "{shape}", "colour": "{colour}", "end": "<end>"}
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+def scenes():
+    return shapes.grid(shape=["star", "circle", "heart"], colour=["red", "blue"], size="large", position="center",
+                       background="black")
+
+
+def run(pipe, **kw):
+    args = dict(words=WORDS, seeds=2, sites=SITES, num_inference_steps=STEPS, progress=False, batch_size=4)
+    args.update(kw)
+    return collect(pipe, scenes(), **args)
+
+
+@pytest.fixture(scope="module")
+def reference(pipe):
+    return run(pipe)
+
+
+def assert_same(a: Features, b: Features) -> None:
+    assert a.keys() == b.keys()
+    for key in a.keys():
+        np.testing.assert_allclose(a[key], b[key], atol=1e-5, err_msg=str(key))
+    cols = ["prompt", "seed", "shape", "colour"]
+    pd.testing.assert_frame_equal(a.y[cols].astype(str), b.y[cols].astype(str))
+
+
+# ------------------------------------------------------------------------------------------ collection
+def test_features_equal_the_caches_word_maps_and_self_maps(pipe, reference):
+    f = reference
+    assert len(f) == 12 and f.features == ["self", "shape", "colour", "end"]
+    assert f.labels == list(shapes.ATTRIBUTES)
+    batch = f.y.iloc[:4]  # the first pipeline call of the collection
+    gens = [torch.Generator().manual_seed(int(s)) for s in batch["seed"]]
+    with capture(pipe, layers=["mid.0.cross", "up.1.0.cross"], dtype=torch.float32) as cross, \
+            capture(pipe, layers=["mid.0.self", "up.1.0.self"], store_resolution=4, dtype=torch.float32) as selfs:
+        pipe(batch["prompt"].tolist(), num_inference_steps=STEPS, generator=gens, output_type="latent")
+    for i, row in batch.iterrows():
+        for layer in ("mid.0.cross", "up.1.0.cross"):
+            for step in range(STEPS):
+                for name, word in (("shape", row["shape"]), ("colour", row["colour"]), ("end", "<end>")):
+                    want = cross.word_map(word, prompt=i, layers=[layer], steps=[step]).flatten().numpy()
+                    np.testing.assert_allclose(f[name, layer, step][i], want, atol=1e-6)
+        for layer in ("mid.0.self", "up.1.0.self"):
+            for step in range(STEPS):
+                np.testing.assert_allclose(f["self", layer, step][i], selfs[layer, step][i].flatten().numpy(), atol=1e-6)
+    assert f["self", "up.1.0.self", 0].shape == (12, 4**4)  # 8x8 queries and keys pooled to 4x4
+    np.testing.assert_allclose(f["self", "up.1.0.self", 0].reshape(12, 16, 16).sum(-1), 1.0, atol=1e-5)
+    assert f["shape", "up.1.0.cross", 1].shape == (12, 64)
+    # groups: one per prompt, the two seeds of a prompt share it
+    assert f.groups.max() + 1 == 6 and (f.y.groupby(f.groups)["seed"].nunique() == 2).all()
+
+
+def test_a_generation_does_not_depend_on_its_batch(pipe, reference):
+    assert_same(reference, run(pipe, batch_size=5))
+
+
+def test_paper_style_prompts_with_labels_and_per_prompt_words(pipe):
+    prompts = ["a red car", "a blue car", "a dog standing in the park", "a rabbit standing in the park"]
+    f = collect(pipe, prompts, labels={"kind": ["car", "car", "animal", "animal"]},
+                words={"object": ["car", "car", "dog", "rabbit"], "end": "<end>"},
+                sites=Selector(layers="mid.0.cross", steps=[-1]), num_inference_steps=STEPS, progress=False)
+    assert f.keys() == [("object", "mid.0.cross", 1), ("end", "mid.0.cross", 1)]
+    assert list(f.y["kind"]) == ["car", "car", "animal", "animal"] and list(f.y["seed"]) == [0, 0, 0, 0]
+
+
+# ------------------------------------------------------------------------------------------ shards and resume
+def test_resume_after_a_crash_loses_and_duplicates_nothing(pipe, reference, tmp_path, monkeypatch):
+    out = tmp_path / "feats"
+    real = collect_module._generate
+    calls = []
+
+    def crashing(*args, **kw):
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated crash")
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(collect_module, "_generate", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run(pipe, out=out, batch_size=2, shard_size=4)  # 3 shards of 4; crashes inside the second shard
+    assert sorted(p.name for p in (out / "shards").glob("shard-*")) == ["shard-000000.safetensors"]
+    (out / "shards" / ".shard-000001.safetensors.tmp-99999").write_bytes(b"half a shard")  # a torn write
+    with pytest.raises(AttnlensError, match="incomplete: 2 of 3 shard"):
+        load_features(out)
+
+    calls.clear()
+    monkeypatch.setattr(collect_module, "_generate", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    f = run(pipe, out=out, batch_size=2, shard_size=4)
+    assert len(calls) == 4  # only the two missing shards were generated
+    assert_same(reference, f)
+    index = pd.read_csv(out / "index.csv")
+    assert list(index["item"]) == list(range(12)) and not index.duplicated(["prompt", "seed"]).any()
+    assert not list((out / "shards").glob(".*tmp*"))
+    calls.clear()
+    assert_same(reference, run(pipe, out=out, batch_size=2, shard_size=4))  # complete: nothing to redo
+    assert calls == []
+    assert_same(reference, load_features(out))
+
+
+def test_a_shard_directory_from_another_configuration_is_refused(pipe, tmp_path):
+    out = tmp_path / "feats"
+    run(pipe, out=out, shard_size=6)
+    with pytest.raises(AttnlensError, match="another configuration.*num_inference_steps: 2 there, 3 here"):
+        run(pipe, out=out, shard_size=6, num_inference_steps=3)
+    with pytest.raises(AttnlensError, match="another configuration.*words"):
+        run(pipe, out=out, shard_size=6, words={"shape": "{shape}"})
+    with pytest.raises(AttnlensError, match="another configuration.*items"):
+        run(pipe, out=out, shard_size=6, seeds=[0, 5])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_accelerate_run_gives_the_one_process_set(reference, tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_probing import run
+        from attnlens._testing import tiny_pipeline
+        f = run(tiny_pipeline(), out=sys.argv[1], shard_size=2, batch_size=2)
+        assert len(f) == 12
+    """))
+    out = tmp_path / "feats"
+    launcher = Path(sys.executable).parent / "accelerate"  # --multi_gpu: its multi-process launcher (torchrun);
+    # without GPUs the processes run on the CPU. (Its --cpu flag starts one process unless MPI is set up.)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+                           str(script), str(out)], capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_same(reference, load_features(out))
+    from safetensors import safe_open
+
+    ranks = []
+    for path in sorted((out / "shards").glob("shard-*.safetensors")):
+        with safe_open(str(path), framework="numpy") as fh:
+            meta = json.loads(fh.metadata()["attnlens"])
+        ranks.append((meta["rank"], meta["world"]))
+    assert ranks == [(k % 2, 2) for k in range(6)]  # every rank made its own shard set
+    assert len(pd.read_csv(out / "index.csv")) == 12
+
+
+# ------------------------------------------------------------------------------------------ probes
+class IndexSpy(ClassifierMixin, BaseEstimator):
+    """Records which rows (column 0 holds the row number) it trains and tests on."""
+
+    log: list = []
+
+    def fit(self, X, y):
+        self.classes_ = np.unique(y)
+        IndexSpy.log.append(("train", X[:, 0].astype(int)))
+        return self
+
+    def predict(self, X):
+        IndexSpy.log.append(("test", X[:, 0].astype(int)))
+        return np.full(len(X), self.classes_[0])
+
+
+def planted(n_prompts=24, n_seeds=4, signal=5.0, seed=0):
+    rng = np.random.default_rng(seed)
+    colour = np.repeat(np.array(["red", "blue", "green"])[np.arange(n_prompts) % 3], n_seeds)
+    y = pd.DataFrame({"colour": colour, "prompt": np.repeat(np.arange(n_prompts), n_seeds),
+                      "seed": np.tile(np.arange(n_seeds), n_prompts)})
+    X = rng.normal(size=(len(y), 12))
+    X[:, 1] += signal * (colour == "red")
+    X[:, 2] += signal * (colour == "blue")
+    X[:, 0] = np.arange(len(y))
+    return Features({("w", "mid.0.cross", 0): X, ("w", "mid.0.cross", 1): rng.normal(size=(len(y), 12))}, y)
+
+
+@pytest.mark.parametrize("group_by", ["prompt", "seed", "both"])
+def test_grouped_cv_never_shares_a_group_between_train_and_test(group_by):
+    f = planted()
+    IndexSpy.log = []
+    df = probe(f, "colour", model=IndexSpy(), cv=4, group_by=group_by, control=False, sites=["mid.0.cross@0"])
+    assert len(df) == 1 and df.folds[0] >= 2
+    cols = {"prompt": ["prompt"], "seed": ["seed"], "both": ["prompt", "seed"]}[group_by]
+    log = IndexSpy.log
+    assert len(log) == 2 * df.folds[0]
+    tested = []
+    for (kind_a, train), (kind_b, test) in zip(log[::2], log[1::2]):
+        assert (kind_a, kind_b) == ("train", "test")
+        assert not set(train) & set(test)
+        for c in cols:
+            assert not set(f.y[c].iloc[train]) & set(f.y[c].iloc[test]), c
+        tested += list(test)
+    assert len(tested) == len(set(tested))  # each sample tested at most once
+    if group_by != "both":
+        assert sorted(tested) == list(range(len(f)))
+
+
+def test_planted_signal_is_found_and_the_shuffled_control_is_at_chance():
+    f = planted()
+    df = probe(f, "colour", cv=4).set_index("site")
+    hit, noise = df.loc["mid.0.cross@0"], df.loc["mid.0.cross@1"]
+    assert hit.accuracy > 0.9 and hit.ci_low <= hit.accuracy <= hit.ci_high and hit.interval >= 0
+    assert abs(hit.control - 1 / 3) < 0.2 and hit.selectivity > 0.5
+    assert abs(noise.accuracy - 1 / 3) < 0.2 and abs(noise.selectivity) < 0.25
+    assert hit.baseline < 0.5 and hit.n == 96 and hit.n_classes == 3
+    mlp = probe(f, "colour", cv=4, model="mlp", sites=["mid.0.cross@0"], control=False).iloc[0]
+    assert mlp.accuracy > 0.9 and np.isnan(mlp.control)
+
+
+def test_probe_on_collected_features_and_heatmap(reference):
+    df = probe(reference, ["shape", "colour"], cv=3, sites=Selector(layers="up.1.0.*", steps=[1]))
+    assert set(df["feature"]) == {"shape", "colour", "end", "self"} and set(df["site"]) == {"up.1.0.cross@1", "up.1.0.self@1"}
+    assert len(df) == 8 and df["accuracy"].between(0, 1).all() and list(df.columns[:8]) == [
+        "site", "layer", "step", "feature", "attribute", "accuracy", "ci_low", "ci_high"]
+    full = probe(reference, "shape", cv=3, feature="end", control=False)
+    fig = probe_heatmap(full, "shape")
+    z = np.asarray(fig.data[0].z)
+    assert z.shape == (2, STEPS) and list(fig.data[0].y) == ["mid.0.cross", "up.1.0.cross"]
+    assert len(probe_heatmap(df).data) == 8  # 4 features x 2 attributes
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_bad_input_raises_clear_errors(pipe, reference):
+    with pytest.raises(AttnlensError, match=r"word 'car' \(feature 'car'\) is absent from 1 of 2 prompt.*'a blue boat'"):
+        collect(pipe, ["a red car", "a blue boat"], words="car", num_inference_steps=STEPS, progress=False)
+    with pytest.raises(AttnlensError, match="names 'shap'.*not a label"):
+        run(pipe, words="{shap}")
+    with pytest.raises(AttnlensError, match="label and prompt counts differ: 3 label rows for 2 prompts"):
+        collect(pipe, ["a red car", "a blue car"], labels={"c": ["r", "b", "g"]}, words="car", progress=False)
+    with pytest.raises(AttnlensError, match="label and feature counts differ"):
+        Features({("w", "mid.0.cross", 0): np.zeros((5, 3))}, pd.DataFrame({"c": list("aabb")}))
+    with pytest.raises(AttnlensError, match="matches no layer"):
+        run(pipe, sites=Selector(layers="up.7.*"))
+    with pytest.raises(AttnlensError, match=r"step\(s\) \[9\] out of range"):
+        run(pipe, sites=Selector(steps=[9]))
+    with pytest.raises(AttnlensError, match=r"site\(s\) 'down.0.0.cross@1' were not captured; captured: mid.0"):
+        probe(reference, "shape", sites=["down.0.0.cross@1"])
+    with pytest.raises(AttnlensError, match="feature.*'colour_word'.*not collected"):
+        probe(reference, "shape", feature="colour_word")
+    with pytest.raises(AttnlensError, match="unknown attribute.*'hue'"):
+        probe(reference, "hue")
+    lonely = Features({("w", "l", 0): np.zeros((5, 2))}, pd.DataFrame({"c": list("aabbx"), "prompt": range(5)}))
+    with pytest.raises(AttnlensError, match=r"class\(es\) 'x' of attribute 'c' have a single sample"):
+        probe(lonely, "c", cv=2)
+    with pytest.raises(AttnlensError, match=r"'a' of attribute 'c' occur in a single prompt group"):
+        probe(Features({("w", "l", 0): np.zeros((4, 2))}, pd.DataFrame({"c": list("aabb"), "prompt": [0, 0, 1, 2]})),
+              "c", cv=2)
+    with pytest.raises(AttnlensError, match="model must be one of"):
+        probe(reference, "shape", model="svm")
+    with pytest.raises(AttnlensError, match="not an attnlens feature directory"):
+        load_features(Path(attnlens.__file__).parent)
