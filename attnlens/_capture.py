@@ -59,14 +59,18 @@ class _Clock:
 
 
 class HookedProcessor:
-    """An attention processor that computes attention as ``AttnProcessor2_0`` and shows q, k, v to hooks.
+    """An attention processor that computes attention as ``AttnProcessor2_0`` and lets hooks see and steer it.
 
-    ``hooks`` are objects with ``on_attention(info, q, k, v, scale)`` (q: ``(batch, heads, queries, dim)``,
-    k and v: ``(batch, heads, keys, dim)``), called after the output is computed.
+    ``controllers`` (editing, :class:`attnlens.Controller`) may rewrite ``q, k, v`` (the output stays a fused
+    ``scaled_dot_product_attention``) or edit the attention map itself (then the map is materialised in
+    query chunks and multiplied by ``v``). ``hooks`` (capture) are objects with
+    ``on_attention(info, q, k, v, scale, edits)``, called after the output is computed, with the
+    rewritten ``q, k, v`` and the map edits in force, so a capture inside an edit records the maps used.
+    Shapes: q ``(batch, heads, queries, dim)``, k and v ``(batch, heads, keys, dim)``.
     """
 
-    def __init__(self, info: LayerInfo, hooks: list) -> None:
-        self.info, self.hooks = info, hooks
+    def __init__(self, info: LayerInfo, hooks: list, controllers: list | None = None) -> None:
+        self.info, self.hooks, self.controllers = info, hooks, list(controllers or [])
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         residual = hidden_states
@@ -97,9 +101,18 @@ class HookedProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        edits = []
+        for ctrl in self.controllers:
+            query, key, value = ctrl._rewrite(self.info, query, key, value)
+            fn = ctrl._map_edit(self.info, batch)
+            if fn is not None:
+                edits.append(fn)
+        if edits:
+            out = explicit_attention(query, key, value, attn.scale, edits, attention_mask)
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
         for hook in self.hooks:
-            hook.on_attention(self.info, query, key, value, attn.scale)
+            hook.on_attention(self.info, query, key, value, attn.scale, edits)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if input_ndim == 4:
@@ -109,17 +122,40 @@ class HookedProcessor:
         return out / attn.rescale_output_factor
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, chunk_elements: int = _CHUNK_ELEMENTS) -> Iterator[tuple[int, torch.Tensor]]:
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, chunk_elements: int = _CHUNK_ELEMENTS,
+                    mask: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(start, softmax(q[..., start:stop, :] k^T * scale))`` in fp32, query chunk by chunk.
 
     ``q``: ``(batch, heads, queries, dim)``, ``k``: ``(batch, heads, keys, dim)``; each chunk is
     ``(batch, heads, chunk, keys)`` with at most ``chunk_elements`` entries (64 MiB by default).
+    ``mask`` (optional) is an additive or boolean attention mask broadcastable to ``(batch, heads, queries, keys)``.
     """
     b, h, n, _ = q.shape
     step = max(1, chunk_elements // max(1, b * h * k.shape[2]))
     kt = k.float().transpose(-1, -2)
     for start in range(0, n, step):
-        yield start, torch.softmax(q[:, :, start : start + step].float() @ kt * scale, dim=-1)
+        scores = q[:, :, start : start + step].float() @ kt * scale
+        if mask is not None:
+            m = mask[..., start : start + step, :] if mask.shape[-2] > 1 else mask
+            scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
+        yield start, torch.softmax(scores, dim=-1)
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, edits: list,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention with the map materialised chunk by chunk, each chunk passed through ``edits``.
+
+    Each edit is ``fn(start, probs) -> probs`` on a ``(batch, heads, chunk, keys)`` fp32 chunk of queries
+    ``start:start+chunk``. Returns ``(batch, heads, queries, dim)`` in ``v``'s dtype. Costs one fp32 chunk of
+    at most 64 MiB at a time, on top of the fused path.
+    """
+    vf = v.float()
+    outs = []
+    for start, probs in attention_probs(q, k, scale, mask=mask):
+        for fn in edits:
+            probs = fn(start, probs)
+        outs.append(probs @ vf)
+    return torch.cat(outs, dim=2).to(v.dtype)
 
 
 _KNOWN = ("AttnProcessor", "AttnProcessor2_0", "HookedProcessor")
@@ -163,21 +199,26 @@ class _Recorder:
         n_maps = 1 if self.reduce else len(self.steps)
         return n_maps * len(self.rows) * heads * h * w * keys * torch.finfo(self.dtype).bits // 8
 
-    def on_attention(self, info: LayerInfo, q, k, v, scale: float) -> None:
+    def on_attention(self, info: LayerInfo, q, k, v, scale: float, edits: list | tuple = ()) -> None:
         if info.name not in self.cache.layers or self.clock.step not in self.steps:
             return
         rows = [r for r, _, _ in self.rows]
-        q, k = q[rows], k[rows]
         heads = self.sel.head_indices(info.heads)
-        if heads is not None:
-            q, k = q[:, heads], k[:, heads]
+        if not edits:  # select first, compute less; with map edits every row is needed (edits mix rows)
+            q, k = q[rows], k[rows]
+            if heads is not None:
+                q, k = q[:, heads], k[:, heads]
         h, w = info.grid(self.clock.latent_hw)
         if h * w != q.shape[2]:
             raise AttnlensError(f"layer {info.name}: {q.shape[2]} queries do not form the expected {h}x{w} grid")
         gh, gw = self._grid(info)
         pooled_keys = info.kind == "self" and (gh, gw) != (h, w)
         parts = []
-        for _, probs in attention_probs(q, k, scale):
+        for start, probs in attention_probs(q, k, scale):
+            if edits:
+                for fn in edits:
+                    probs = fn(start, probs)
+                probs = probs[rows] if heads is None else probs[rows][:, heads]
             if heads is None:
                 probs = probs.mean(dim=1, keepdim=True)
             if pooled_keys:  # self-attention keys are positions too: pool their mass (rows keep summing to 1)
@@ -249,8 +290,28 @@ def capture(
                             branch=branch, prompts=prompts)
     if reduce not in (None, "mean", "sum"):
         raise AttnlensError(f"reduce must be None, 'mean' or 'sum', not {reduce!r}")
-    unet = get_unet(pipe)
     chosen = selector.match(list_layers(pipe))
+    clock = _Clock(pipe)
+    tokenizer = getattr(pipe, "tokenizer", None)
+    cache = AttentionCache({i.name: i for i in chosen}, tokenizer=tokenizer)
+    recorder = _Recorder(clock, selector, cache, dtype, reduce, store_resolution, budget, chosen)
+    clock.listeners.append(recorder.start)
+    text = getattr(pipe, "text_encoder", None)
+    extra = [text.register_forward_pre_hook(cache._text_pre_hook, with_kwargs=True)] if text is not None else []
+    try:
+        with hooked(pipe, clock, chosen, hook=recorder):
+            yield cache
+    finally:
+        for handle in extra:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def hooked(pipe: Any, clock: _Clock, chosen: list[LayerInfo], hook: Any = None, controller: Any = None) -> Iterator[None]:
+    """Install :class:`HookedProcessor` s on ``chosen`` layers, adding ``hook`` and/or ``controller`` to any
+    already there (so contexts nest), with ``clock`` on the UNet; restore the exact original processors on exit.
+    """
+    unet = get_unet(pipe)
     current = unet.attn_processors
     for info in chosen:
         name = type(current[f"{info.path}.processor"]).__name__
@@ -259,24 +320,17 @@ def capture(
                 f"layer {info.name} uses the attention processor {name}; attnlens can hook {', '.join(_KNOWN[:2])} "
                 "(call pipe.unet.set_default_attn_processor() or unfuse QKV projections first)"
             )
-    clock = _Clock(pipe)
-    tokenizer = getattr(pipe, "tokenizer", None)
-    cache = AttentionCache({i.name: i for i in chosen}, tokenizer=tokenizer)
-    recorder = _Recorder(clock, selector, cache, dtype, reduce, store_resolution, budget, chosen)
-    clock.listeners.append(recorder.start)
     new = dict(current)
     for info in chosen:
         old = current[f"{info.path}.processor"]
-        hooks = (old.hooks if isinstance(old, HookedProcessor) else []) + [recorder]
-        new[f"{info.path}.processor"] = HookedProcessor(info, hooks)
-    handles = [unet.register_forward_pre_hook(clock.pre_hook, with_kwargs=True)]
-    text = getattr(pipe, "text_encoder", None)
-    if text is not None:
-        handles.append(text.register_forward_pre_hook(cache._text_pre_hook, with_kwargs=True))
+        hooks = list(old.hooks) if isinstance(old, HookedProcessor) else []
+        ctrls = list(old.controllers) if isinstance(old, HookedProcessor) else []
+        new[f"{info.path}.processor"] = HookedProcessor(info, hooks + ([hook] if hook is not None else []),
+                                                        ctrls + ([controller] if controller is not None else []))
+    handle = unet.register_forward_pre_hook(clock.pre_hook, with_kwargs=True)
     unet.set_attn_processor(new)
     try:
-        yield cache
+        yield
     finally:
         unet.set_attn_processor(dict(current))  # set_attn_processor pops from the dict it is given
-        for handle in handles:
-            handle.remove()
+        handle.remove()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import math
 import sys
 import time
@@ -362,6 +363,12 @@ def export(workdir: Path, out: Path, use_ema: bool = True) -> Path:
                                    requires_safety_checker=False)
     pipe.to(torch.float16)
     pipe.save_pretrained(out, safe_serialization=True)
+    # transformers writes the tokenizer as one tokenizer.json (3.5 MB); ship the smaller vocab.json +
+    # merges.txt pair it was built from instead, which CLIPTokenizer reads just as well
+    tok_dir = Path(out) / "tokenizer"
+    (tok_dir / "tokenizer.json").unlink(missing_ok=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(Path(__file__).parents[1] / "tokenizer" / name, tok_dir / name)
     (Path(out) / "training.json").write_text(json.dumps({"unet_step": meta["step"], "config": meta["config"],
                                                           "seed": meta["seed"], "ema": use_ema}, indent=1))
     return Path(out)
