@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -63,6 +64,26 @@ class AttentionCache:
         if self._text_calls and self._tokenizer is not None:
             ids = self._text_calls[0]  # the pipeline encodes the prompts before the negative prompts
             self.tokens = [self._tokenizer.convert_ids_to_tokens(row.tolist()) for row in ids]
+            self._warn_truncated(ids)
+
+    def _warn_truncated(self, ids: torch.Tensor) -> None:
+        """Warn when a prompt fills every token position: CLIP cut it (or it is exactly 75 tokens long)."""
+        tok = self._tokenizer
+        limit = getattr(tok, "model_max_length", 77)
+        end, pad = getattr(tok, "eos_token_id", None), getattr(tok, "pad_token_id", None)
+        if end is None or ids.ndim != 2 or ids.shape[1] != limit:
+            return
+        full = [i for i, row in enumerate(ids.tolist()) if row[-1] == end and row[-2] not in (end, pad)]
+        if full:
+            last = " ".join(t.replace("</w>", "") for t in self.tokens[full[0]][-6:-1])
+            warnings.warn(
+                f"prompt(s) {full} fill all {limit} token positions of the text encoder, so they were most likely "
+                f"truncated: the tokenizer keeps {limit - 2} tokens between its start and end tokens and drops the "
+                f"rest (prompt {full[0]} now ends with '... {last}'; a prompt of exactly {limit - 2} tokens also "
+                "fills every position). Words past the cut have no attention map; shorten the prompt to see them.",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _add(self, layer: str, step: int, maps: torch.Tensor, reduce: str | None, dtype: torch.dtype) -> None:
         maps = maps.detach()

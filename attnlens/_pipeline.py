@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,138 @@ from ._errors import AttnlensError
 
 EMBEDDED_MODEL = Path(__file__).parent / "models" / "shapes"
 """Where the embedded Shapes model lives (a diffusers folder)."""
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+_MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+
+
+def _rebuild_hint(folder: Path) -> str:
+    """How to get a sound copy of ``folder`` back: the training commands for a Shapes export, else re-saving."""
+    embedded = folder.resolve() == EMBEDDED_MODEL.resolve()
+    record = folder / "training.json"
+    if not embedded and not record.is_file():
+        return ("Download the model again, or re-save it with "
+                "`pipe.save_pretrained(folder, safe_serialization=True)`.")
+    try:
+        meta = json.loads(record.read_text())
+        meta = meta if isinstance(meta, dict) else {}
+    except (OSError, UnicodeDecodeError, ValueError):
+        meta = {}
+    vae = meta.get("vae") if isinstance(meta.get("vae"), dict) else {}
+    vae_steps, unet_steps, seed = vae.get("step", "STEPS"), meta.get("unet_step", "STEPS"), meta.get("seed", 0)
+    out = "attnlens/models/shapes" if embedded else str(folder)
+    restore = "Restore the shipped copy with `git checkout -- attnlens/models/shapes`, or rebuild it: " if embedded \
+        else "Rebuild it: "
+    return (f"{restore}`python -m attnlens.shapes.train vae --workdir runs/shapes --steps {vae_steps} --seed {seed}`, "
+            f"then `python -m attnlens.shapes.train unet --workdir runs/shapes --steps {unet_steps} --seed {seed}`, then "
+            f"`python -m attnlens.shapes.train export --workdir runs/shapes --out {out}` (training resumes from "
+            "the checkpoints in runs/shapes if they are still there).")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file (truncated, garbage, a Git LFS pointer), or None if it is sound.
+
+    Checks the header and that the file holds exactly the bytes the header's tensors need; it does not
+    read the tensor data.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if head.startswith(b"version "):
+            return "is a Git LFS pointer, not the weights (run `git lfs pull`)"
+        if len(head) < 8:
+            return f"is truncated ({size} bytes: not even a safetensors header)"
+        n = struct.unpack("<Q", head)[0]
+        if n > _MAX_HEADER or n > size - 8:
+            return f"is truncated or not a safetensors file (header length {n} does not fit in {size} bytes)"
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return "is not a safetensors file (its header is not valid JSON)"
+    if not isinstance(header, dict):
+        return "is not a safetensors file (its header is not a JSON object)"
+    end = 0
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, stop = (int(x) for x in t["data_offsets"])
+            numel = 1
+            for d in t["shape"]:
+                numel *= int(d)
+            nbytes = numel * _DTYPE_BYTES[t["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            return f"has a damaged header (entry {name!r})"
+        if stop - start != nbytes or start < 0:
+            return f"has a damaged header (tensor {name!r} needs {nbytes} bytes, offsets give {stop - start})"
+        end = max(end, stop)
+    expected = 8 + n + end
+    if size < expected:
+        return f"is truncated ({size:,} bytes; its header describes {expected:,})"
+    if size > expected:
+        return f"is damaged ({size:,} bytes; its header describes {expected:,})"
+    return None
+
+
+def check_model_folder(folder: str | os.PathLike) -> None:
+    """Check a local diffusers folder before loading it; raise :class:`AttnlensError` naming the bad file.
+
+    Every component listed in ``model_index.json`` must have its folder, parseable JSON files and, for
+    a model (a folder with ``config.json``), safetensors weights that are complete. When the folder's
+    ``training.json`` (written by ``python -m attnlens.shapes.train export``) records SHA-256 sums of the
+    weights, they are compared too. The message says how to rebuild or restore the folder.
+    """
+    folder = Path(folder)
+
+    def fail(path: Path, problem: str):
+        raise AttnlensError(f"cannot load the model in {folder}: {path} {problem}. {_rebuild_hint(folder)}")
+
+    index = folder / "model_index.json"
+    if not index.is_file():
+        fail(index, "is missing (a diffusers pipeline folder starts with it)")
+    try:
+        spec = json.loads(index.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        fail(index, f"is not valid JSON ({exc})")
+    for name, value in spec.items():
+        if name.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
+            continue
+        sub = folder / name
+        if not sub.is_dir():
+            fail(sub, f"is missing (model_index.json lists the component {name!r}: {value[0]}.{value[1]})")
+        for js in sorted(sub.glob("*.json")):
+            try:
+                json.loads(js.read_text())
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                fail(js, f"is not valid JSON ({exc})")
+        weights = sorted(sub.glob("*.safetensors"))
+        if (sub / "config.json").is_file() and not weights:
+            pickles = sorted(p.name for p in sub.iterdir() if p.suffix in (".bin", ".ckpt", ".pt", ".pth"))
+            expected = "diffusion_pytorch_model.safetensors" if value[0] == "diffusers" else "model.safetensors"
+            why = (f"the folder has only pickle weights ({', '.join(pickles)}), which attnlens does not load"
+                   if pickles else f"{name}/ has no .safetensors weights")
+            fail(sub / expected, f"is missing ({why})")
+        for shard_index in sorted(sub.glob("*.safetensors.index.json")):
+            for shard in sorted(set(json.loads(shard_index.read_text()).get("weight_map", {}).values())):
+                if not (sub / shard).is_file():
+                    fail(sub / shard, f"is missing (listed in {shard_index.name})")
+        for w in weights:
+            problem = _safetensors_problem(w)
+            if problem:
+                fail(w, problem)
+    record = folder / "training.json"
+    if record.is_file():
+        try:
+            sums = json.loads(record.read_text()).get("sha256", {})
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            fail(record, f"is not valid JSON ({exc})")
+        for rel, digest in sums.items():
+            path = folder / rel
+            if not path.is_file():
+                fail(path, "is missing (training.json records its checksum)")
+            if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+                fail(path, "is corrupt (its SHA-256 differs from the one training.json recorded at export)")
 
 
 def default_device_dtype(device: str | torch.device | None = None, dtype: torch.dtype | None = None):
@@ -40,17 +175,20 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.de
     model = model or os.environ.get("ATTNLENS_MODEL") or EMBEDDED_MODEL
     device, dtype = default_device_dtype(device, dtype)
     local = Path(model)
-    if Path(model) == EMBEDDED_MODEL and not (local / "model_index.json").exists():
+    if local.resolve() == EMBEDDED_MODEL.resolve() and not (local / "model_index.json").exists():
         raise AttnlensError(
             f"the embedded Shapes model is not in {EMBEDDED_MODEL} yet. Train and export it with "
             "`python -m attnlens.shapes.train vae|unet|export --out attnlens/models/shapes`, or pass a hub id or "
             "a local diffusers folder (or set ATTNLENS_MODEL)."
         )
+    if local.is_dir():
+        check_model_folder(local)  # a missing or damaged file is named, with how to rebuild it
     try:
         pipe = DiffusionPipeline.from_pretrained(str(model), torch_dtype=dtype, use_safetensors=True,
                                                  trust_remote_code=False, **kwargs)
     except (OSError, EnvironmentError, ValueError) as exc:
-        raise AttnlensError(f"could not load a pipeline from {str(model)!r} with safetensors weights: {exc}") from exc
+        hint = f" {_rebuild_hint(local)}" if local.is_dir() else ""
+        raise AttnlensError(f"could not load a pipeline from {str(model)!r} with safetensors weights: {exc}.{hint}") from exc
     from ._layers import get_unet
 
     get_unet(pipe)  # unsupported architectures fail here, with the supported list

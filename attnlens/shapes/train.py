@@ -10,6 +10,8 @@ Usage::
     python -m attnlens.shapes.train vae  --workdir runs/shapes --steps 3000
     python -m attnlens.shapes.train unet --workdir runs/shapes --steps 20000
     python -m attnlens.shapes.train export --workdir runs/shapes --out attnlens/models/shapes
+    python benchmarks/shapes_quality.py      # the quality bar, then rewrite the model card with it:
+    python -m attnlens.shapes.train card --out attnlens/models/shapes
 
 The objective is the standard one of each part (reconstruction + KL for the VAE, the epsilon
 denoising loss for the UNet, with min-SNR weighting); nothing supervises attention.
@@ -369,15 +371,29 @@ def export(workdir: Path, out: Path, use_ema: bool = True) -> Path:
     (tok_dir / "tokenizer.json").unlink(missing_ok=True)
     for name in ("vocab.json", "merges.txt"):
         shutil.copyfile(Path(__file__).parents[1] / "tokenizer" / name, tok_dir / name)
-    (Path(out) / "training.json").write_text(json.dumps({"unet_step": meta["step"], "config": meta["config"],
-                                                          "seed": meta["seed"], "ema": use_ema}, indent=1))
+    from .card import summarize_log, weight_sums, write_card
+
+    vae_meta = json.loads((workdir / "vae.safetensors.json").read_text())["meta"]
+    record = {
+        "unet_step": meta["step"], "config": meta["config"], "seed": meta["seed"], "ema": use_ema,
+        "scaling_factor": meta["scaling_factor"],
+        "vae": {"step": vae_meta["step"], "config": vae_meta["config"], "seed": vae_meta["seed"]},
+        # the logs stay in the workdir (not shipped): their summary travels with the model for its card
+        "logs": {"vae": summarize_log(workdir / "vae_log.jsonl", vae_meta["step"]),
+                 "unet": summarize_log(workdir / "unet_log.jsonl", meta["step"])},
+        "sha256": weight_sums(out),  # load_pipeline checks these
+    }
+    (Path(out) / "training.json").write_text(json.dumps(record, indent=1))
+    write_card(out)
     return Path(out)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m attnlens.shapes.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["vae", "unet", "export"])
+    parser.add_argument("stage", choices=["vae", "unet", "export", "card"],
+                        help="card: rewrite the model card (README.md) of the --out folder from its training.json and "
+                        "benchmarks/results/shapes_quality.json (run it after benchmarks/shapes_quality.py)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/shapes"))
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
@@ -385,7 +401,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     parser.add_argument("--tiny", action="store_true", help="tiny configs, for tests")
-    parser.add_argument("--out", type=Path, help="export: the diffusers folder to write")
+    parser.add_argument("--out", type=Path, help="export, card: the diffusers folder to write")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="card: the quality bar's results (default benchmarks/results/shapes_quality.json)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -395,6 +413,12 @@ def main(argv: list[str] | None = None) -> None:
                   args.save_every, args.eval_every)
     elif args.stage == "unet":
         train_unet(args.workdir, args.steps, TINY_UNET if args.tiny else UNetConfig(), args.seed, args.save_every)
+    elif args.stage == "card":
+        from .card import RESULTS, write_card
+
+        if args.out is None:
+            parser.error("card needs --out (the exported model folder)")
+        print(write_card(args.out, args.results or RESULTS))
     else:
         if args.out is None:
             parser.error("export needs --out")

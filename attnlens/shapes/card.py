@@ -1,0 +1,367 @@
+"""The model card of an exported Shapes model: ``README.md`` written from recorded figures only.
+
+:func:`write_card` reads the folder's own files (``training.json``, written by
+``python -m attnlens.shapes.train export``, which carries a summary of the training logs; the
+component configs; the safetensors headers and file sizes), the quality bar's results
+(``benchmarks/results/shapes_quality.json``, written by ``benchmarks/shapes_quality.py``) and the
+oracle's accuracy (``benchmarks/results/oracle_accuracy.json``). No figure in the card is typed by
+hand: every number comes from one of these files. The quality figures are shown only when the
+results were measured on these exact weights (same :func:`fingerprint`) by a full (not ``--quick``)
+run; otherwise the card says they are still to be measured and how.
+
+    python -m attnlens.shapes.train card --out attnlens/models/shapes      # after the benchmark
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+from pathlib import Path
+
+from ._world import ATTRIBUTES, IMAGE_SIZE, MENTION_PROBABILITY
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "benchmarks" / "results" / "shapes_quality.json"
+ORACLE_RESULTS = REPO / "benchmarks" / "results" / "oracle_accuracy.json"
+TOKENIZER_LICENSE = Path(__file__).resolve().parents[1] / "tokenizer" / "LICENSE"
+
+
+# ------------------------------------------------------------------------------------------ facts
+
+
+def fingerprint(folder: str | Path) -> str | None:
+    """SHA-256 over a diffusers folder's weights and configs (not ``training.json`` or ``README.md``).
+
+    Two folders with the same fingerprint generate the same images. ``None`` if ``folder`` is not a
+    local folder (a hub id).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.suffix in (".safetensors", ".json") and f.name != "training.json":
+            h.update(str(f.relative_to(folder)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def weight_sums(folder: str | Path) -> dict[str, str]:
+    """``{relative path: SHA-256}`` of every safetensors file in ``folder`` (recorded in ``training.json``)."""
+    folder = Path(folder)
+    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(folder.rglob("*.safetensors"))}
+
+
+def _parameters(path: Path) -> int:
+    """Number of parameters in a safetensors file, from its header alone."""
+    with path.open("rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    total = 0
+    for name, t in header.items():
+        if name != "__metadata__":
+            count = 1
+            for d in t["shape"]:
+                count *= d
+            total += count
+    return total
+
+
+def summarize_log(path: str | Path, up_to: int | None = None) -> dict | None:
+    """Summarise a training log (``WORKDIR/<stage>_log.jsonl``) up to step ``up_to`` (None if nothing was logged).
+
+    Returns the number of runs (a run's clock ``s`` restarts when training resumes), the wall-clock
+    seconds summed over runs, the first and last logged losses (mean of the last 10 entries) and every
+    evaluation entry (lines without ``s``, e.g. the VAE's round trips).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    entries = [e for e in entries if up_to is None or e.get("step", 0) <= up_to]
+    timed = [e for e in entries if "s" in e]
+    evals = [e for e in entries if "s" not in e]
+    if not timed:  # nothing logged yet (runs shorter than the logging interval)
+        return None
+    seconds, runs, last = 0.0, 0, None
+    for e in timed:
+        if last is None or e["s"] < last:  # the clock restarted: a resumed run
+            runs += 1
+            seconds += last or 0.0
+            last = None
+        last = e["s"]
+    seconds += last or 0.0
+    key = next((k for k in ("loss", "rec") if k in timed[0]), None)
+    tail = [e[key] for e in timed[-10:]] if key else []
+    return {
+        "log": path.name,
+        "runs": runs,
+        "wall_seconds": round(seconds, 1),
+        "last_logged_step": timed[-1]["step"],
+        "loss_name": key,
+        "first_loss": timed[0][key] if key else None,
+        "last_loss_mean_of_10": sum(tail) / len(tail) if tail else None,
+        "evaluations": evals,
+    }
+
+
+# ------------------------------------------------------------------------------------------ card
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB, {n / 2**20:.2f} MiB"
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _mark(ok) -> str:
+    return {True: "met", False: "**not met**", None: "n/a"}[ok]
+
+
+def _hours(seconds) -> str:
+    return "not recorded" if not seconds else f"{seconds / 3600:.2f} h"
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _quality_section(results: dict | None, folder: Path, results_path: Path) -> tuple[list[str], list[str]]:
+    """The measured-quality lines and the list of targets not met."""
+    embedded = folder.resolve() == (REPO / "attnlens" / "models" / "shapes").resolve()
+    cmd = "python benchmarks/shapes_quality.py" + ("" if embedded else f" --model {folder}")
+    if results is None:
+        return [f"Not measured yet: run `{cmd}`, then `python -m attnlens.shapes.train card --out {folder}`."], []
+    if results.get("quick"):
+        return [f"Only a `--quick` development run is recorded in `{results_path.name}`; run `{cmd}` (full) and "
+                "regenerate this card."], []
+    if results.get("model_fingerprint") != fingerprint(folder):
+        return [f"`{results_path.name}` was measured on other weights (its fingerprint differs from this folder's); "
+                f"run `{cmd}` and regenerate this card."], []
+    r = results
+    lines = [
+        f"Measured by `{r['command']}` on {r['date']} ({r['machine']}): guidance scale {r['guidance']}, "
+        f"{r['steps']} DDIM steps, batches of {r['batch']}, {r['prompt_list']['n_used']} prompt x seed pairs (list version "
+        f"{r['prompt_list']['version']}, sha256 `{r['prompt_list']['sha256'][:12]}`), oracle readings. "
+        f"Every figure below is copied from `benchmarks/results/{results_path.name}` by the card generator.",
+        "",
+        "| figure | measured | target | |",
+        "| --- | --- | --- | --- |",
+    ]
+    failed = []
+    v = r["vae_round_trip"]
+    lines.append(f"| VAE round trip keeps all five attributes ({v['n']} renders) | {_pct(v['all_attributes'])} | "
+                 f">= {_pct(v['target'])} | {_mark(v['pass'])} |")
+    if v["pass"] is False:
+        failed.append("VAE round trip")
+    for k, d in r["prompted_accuracy"].items():
+        lines.append(f"| prompted {k} read as named ({d['n']} images) | {_pct(d['accuracy'])} | >= {_pct(d['target'])} | "
+                     f"{_mark(d['pass'])} |")
+        if d["pass"] is False:
+            failed.append(f"prompted {k} accuracy ({_pct(d['accuracy'])} < {_pct(d['target'])})")
+    for k, d in r["unprompted_top_share"].items():
+        lines.append(f"| {k} not prompted: most frequent value ({d['top_value']}, {d['n']} images) | "
+                     f"{_pct(d['top_share'])} | <= {_pct(d['target_max'])} | {_mark(d['pass'])} |")
+        if d["pass"] is False:
+            failed.append(f"{k} collapses to {d['top_value']} when not prompted ({_pct(d['top_share'])})")
+    s = r["shape_word_iou"]
+    iou = "n/a" if s["mean_iou"] is None else f"{s['mean_iou']:.3f}"
+    lines.append(f"| shape word's cross-attention vs object mask, mean IoU ({s['n']} images, Otsu threshold) | {iou} | "
+                 f">= {s['target']} | {_mark(s['pass'])} |")
+    if s["pass"] is False:
+        failed.append(f"shape-word attention IoU ({iou} < {s['target']})")
+    sp = r["speed"]
+    main = sp["seconds_per_image"]["attnlens.load_pipeline"]
+    lines.append(f"| seconds per image, batch {sp['batch']}, {sp['threads']} threads | {main:.3f} | <= {sp['target']} | "
+                 f"{_mark(sp['pass'])} |")
+    if sp["pass"] is False:
+        failed.append(f"speed ({main:.2f} s per image > {sp['target']} s)")
+    lines += ["", f"The oracle found an object in {_pct(r['found_rate'])} of the generated images. Speed beside a plain "
+              "diffusers call in the same run: " + ", ".join(f"{m} {x:.3f} s" for m, x in sp["seconds_per_image"].items())
+              + f" per image (1-minute load average {sp['load_average_1min_before']:.2f} before, "
+              f"{sp['load_average_1min_after']:.2f} after). IoU with other threshold rules: "
+              + ", ".join(f"{k} {'n/a' if x is None else f'{x:.3f}'}" for k, x in s["mean_iou_other_rules"].items()) + "."]
+    return lines, failed
+
+
+def render_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_path: str | Path = ORACLE_RESULTS) -> str:
+    """The card's Markdown text for the exported model in ``folder``."""
+    folder, results_path = Path(folder), Path(results_path)
+    training = _read_json(folder / "training.json")
+    if training is None:
+        raise FileNotFoundError(f"{folder / 'training.json'} is missing: the card is written for a folder made by "
+                                "`python -m attnlens.shapes.train export`")
+    unet_cfg = _read_json(folder / "unet" / "config.json") or {}
+    vae_cfg = _read_json(folder / "vae" / "config.json") or {}
+    text_cfg = _read_json(folder / "text_encoder" / "config.json") or {}
+    sched_cfg = _read_json(folder / "scheduler" / "scheduler_config.json") or {}
+    results = _read_json(results_path)
+    oracle = _read_json(Path(oracle_path))
+
+    comp_rows, total_params = [], 0
+    for comp in ("unet", "text_encoder", "vae", "tokenizer", "scheduler"):
+        files = [f for f in sorted((folder / comp).glob("*")) if f.is_file()]
+        size = sum(f.stat().st_size for f in files)
+        params = sum(_parameters(f) for f in files if f.suffix == ".safetensors")
+        total_params += params
+        comp_rows.append(f"| {comp} | {params:,} | {size:,} bytes ({_mb(size)}) |")
+    total = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name != "README.md")
+
+    levels = len(unet_cfg.get("block_out_channels", []))
+    latent = unet_cfg.get("sample_size")
+    attn_grids = [f"{latent // 2**i}x{latent // 2**i}" for i, t in enumerate(unet_cfg.get("down_block_types", []))
+                  if t.startswith("CrossAttn")] if latent else []
+    if latent and unet_cfg.get("mid_block_type", "").endswith("CrossAttn"):
+        attn_grids.append(f"{latent // 2 ** (levels - 1)}x{latent // 2 ** (levels - 1)} (mid block)")
+    cfg, vae = training.get("config", {}), training.get("vae", {})
+    vcfg = vae.get("config", {})
+    logs = training.get("logs", {})
+    ulog, vlog = logs.get("unet"), logs.get("vae")
+    quality, failed = _quality_section(results, folder, results_path)
+    seed = training.get("seed")
+    guidance = results["guidance"] if results and not results.get("quick") else None
+    out = "attnlens/models/shapes" if folder.resolve() == (REPO / "attnlens/models/shapes").resolve() else str(folder)
+
+    L = [
+        "# Shapes: the embedded model of attnlens",
+        "",
+        "<!-- Written by `python -m attnlens.shapes.train card` (attnlens/shapes/card.py) from training.json, the "
+        "component files and benchmarks/results/*.json. Do not edit by hand: regenerate. -->",
+        "",
+        f"A Stable Diffusion 1.x-architecture `StableDiffusionPipeline` ({IMAGE_SIZE}x{IMAGE_SIZE} images) trained "
+        "from scratch by attnlens's own script on the procedural Shapes world, in which every attribute of every "
+        "image is known, so that generations, attention probes and edits can be scored exactly by the world's "
+        "oracle (`attnlens.shapes.oracle.read`). It is the model `attnlens.load_pipeline()` loads with no "
+        "argument, offline. It runs through the same diffusers code paths as real SD 1.x; nothing in attnlens "
+        "special-cases it.",
+        "",
+        "```python",
+        "import torch, attnlens",
+        "pipe = attnlens.load_pipeline()  # this folder",
+        f"image = pipe(\"a small red star on the left\", num_inference_steps=25, guidance_scale={guidance or 7.5},",
+        "             generator=torch.Generator().manual_seed(0)).images[0]",
+        "```",
+        "",
+        "## Architecture and size",
+        "",
+        f"- UNet: `UNet2DConditionModel`, {unet_cfg.get('in_channels')}x{latent}x{latent} latents, channels "
+        f"{unet_cfg.get('block_out_channels')}, {unet_cfg.get('layers_per_block')} layers per block, "
+        f"{unet_cfg.get('attention_head_dim')} heads per attention layer (diffusers' `attention_head_dim`), "
+        f"self- and cross-attention at {', '.join(attn_grids)}, cross-attention width "
+        f"{unet_cfg.get('cross_attention_dim')}.",
+        f"- Text encoder: `CLIPTextModel` trained here, width {text_cfg.get('hidden_size')}, "
+        f"{text_cfg.get('num_hidden_layers')} layers, {text_cfg.get('num_attention_heads')} heads, "
+        f"{text_cfg.get('max_position_embeddings')} positions, vocabulary {text_cfg.get('vocab_size'):,}; the real "
+        "CLIP tokenizer of SD 1.x, so prompts tokenize exactly as in SD 1.x.",
+        f"- VAE: `AutoencoderKL`, channels {vae_cfg.get('block_out_channels')}, {vae_cfg.get('layers_per_block')} "
+        f"layer per block, {vae_cfg.get('sample_size')}x{vae_cfg.get('sample_size')}x3 to "
+        f"{vae_cfg.get('latent_channels')}x{latent}x{latent}, scaling factor {vae_cfg.get('scaling_factor')}.",
+        f"- Scheduler: `{sched_cfg.get('_class_name')}`, {sched_cfg.get('beta_schedule')} betas "
+        f"{sched_cfg.get('beta_start')} to {sched_cfg.get('beta_end')} over {sched_cfg.get('num_train_timesteps')} "
+        f"steps, {sched_cfg.get('prediction_type')} prediction (SD 1.x's training schedule).",
+        f"- Weights stored in fp16 safetensors (loaded as fp32 on CPU, fp16 on CUDA by `load_pipeline`).",
+        "",
+        "| component | parameters | on disk |",
+        "| --- | --- | --- |",
+        *comp_rows,
+        f"| **total** (folder, without this card) | {total_params:,} | {total:,} bytes ({_mb(total)}) |",
+        "",
+        "## Training data",
+        "",
+        f"Renders of the Shapes world (`attnlens.shapes`): one anti-aliased object on a plain background, "
+        f"{IMAGE_SIZE}x{IMAGE_SIZE}, with small jitters of position, rotation and scale. Attributes and values: "
+        + "; ".join(f"{k}: {', '.join(v)}" for k, v in ATTRIBUTES.items()) + ". "
+        "Each image's prompt comes from templates with varied word order, position phrases and prefixes "
+        "(\"a photo of a large yellow heart at the top\"); each attribute is named with probability "
+        + ", ".join(f"{k} {p:.2f}" for k, p in MENTION_PROBABILITY.items())
+        + ", so unnamed attributes are learnt as free. The data stream is a pure function of the seed "
+        f"(`ShapesDataset`, seed {seed} for the VAE and {None if seed is None else seed + 1} for the UNet): "
+        "nothing is downloaded.",
+        "",
+        "## Recipe",
+        "",
+        f"1. **VAE** ({vae.get('step', 'n/a')} steps, batch {vcfg.get('batch')}, AdamW lr {vcfg.get('lr')} with "
+        f"{vcfg.get('warmup')} warm-up steps and cosine decay): L1 + L2 reconstruction with object pixels weighted "
+        f"x{1 + vcfg['object_weight'] if 'object_weight' in vcfg else 'n/a'}, KL weight {vcfg.get('kl_weight')}. "
+        f"Wall-clock {_hours(vlog and vlog['wall_seconds'])} over {vlog['runs'] if vlog else 'n/a'} run(s); last "
+        f"reconstruction loss {vlog['last_loss_mean_of_10']:.4f} (mean of the last 10 logged)."
+        if vlog else f"1. **VAE** ({vae.get('step', 'n/a')} steps; training log not recorded at export).",
+    ]
+    if vlog and vlog["evaluations"]:
+        ev = vlog["evaluations"][-1]
+        L.append(f"   Oracle round trip of 256 held-out renders at step {ev['step']}: all attributes kept on "
+                 f"{_pct(ev['round_trip'].get('all'))}.")
+    L += [
+        f"2. **Text encoder + UNet** ({training.get('unet_step')} steps, batch {cfg.get('batch')}, AdamW lr "
+        f"{cfg.get('lr')} with {cfg.get('warmup')} warm-up steps and cosine decay, classifier-free-guidance dropout "
+        f"{cfg.get('cfg_dropout')}, min-SNR-gamma {cfg.get('min_snr_gamma')} loss weighting, EMA decay "
+        f"{cfg.get('ema_decay')}; {'EMA' if training.get('ema') else 'raw'} weights exported): the standard "
+        "epsilon-prediction denoising loss only. Nothing supervises attention."
+        + (f" Wall-clock {_hours(ulog['wall_seconds'])} over {ulog['runs']} run(s); loss {ulog['first_loss']:.3f} "
+           f"at the first logged step, {ulog['last_loss_mean_of_10']:.3f} at the end (mean of the last 10 logged)."
+           if ulog else " Training log not recorded at export."),
+        "",
+        "## Measured quality",
+        "",
+        *quality,
+    ]
+    if oracle:
+        acc = oracle["conditions"]["clean"]["accuracy"]
+        L += ["", f"The oracle itself reads held-out renders ({oracle['n']}) with per-attribute accuracy "
+              + ", ".join(f"{k} {_pct(v)}" for k, v in acc.items()) + " (`benchmarks/results/oracle_accuracy.json`)."]
+    L += [
+        "",
+        "## Limitations",
+        "",
+        "- It knows only the Shapes world: one object, the listed attribute values, the prompt templates. Words "
+        "outside that vocabulary have untrained embeddings; several objects, textures or other sizes were never seen.",
+        f"- {IMAGE_SIZE}x{IMAGE_SIZE} images from {latent}x{latent} latents: its attention maps are at most "
+        f"{latent}x{latent}, far coarser than SD 1.5's 64x64.",
+        "- Quality is measured by the world's oracle, not by people; the oracle has its own (measured) error.",
+    ]
+    L += [f"- Target not met: {f}." for f in failed]
+    L += [
+        "",
+        "## Licenses",
+        "",
+        "- Weights: trained by the attnlens project from procedurally generated data; released under the "
+        "project's MIT license.",
+        "- Tokenizer (`tokenizer/vocab.json`, `tokenizer/merges.txt`): derived from OpenAI CLIP's BPE list "
+        "(`bpe_simple_vocab_16e6.txt.gz`), MIT license, Copyright (c) 2021 OpenAI; see `tokenizer/LICENSE`.",
+        "",
+        "## Rebuild",
+        "",
+        "```bash",
+        f"python -m attnlens.shapes.train vae  --workdir runs/shapes --steps {vae.get('step', 'N')} --seed {seed}",
+        f"python -m attnlens.shapes.train unet --workdir runs/shapes --steps {training.get('unet_step')} --seed {seed}",
+        f"python -m attnlens.shapes.train export --workdir runs/shapes --out {out}",
+        f"python benchmarks/shapes_quality.py{'' if out == 'attnlens/models/shapes' else ' --model ' + out}"
+        + (f" --guidance {guidance}" if guidance not in (None, 7.5) else ""),
+        f"python -m attnlens.shapes.train card --out {out}",
+        "```",
+        "",
+        "Each stage resumes from its checkpoint in `runs/shapes`. `training.json` in this folder records the "
+        "configs, seeds, steps, a summary of the training logs and the SHA-256 of every weight file "
+        "(`load_pipeline` checks them).",
+        "",
+    ]
+    return "\n".join(L)
+
+
+def write_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_path: str | Path = ORACLE_RESULTS) -> Path:
+    """Write ``README.md`` (and ``tokenizer/LICENSE``) into an exported model folder; return the card's path."""
+    folder = Path(folder)
+    text = render_card(folder, results_path, oracle_path)
+    if (folder / "tokenizer").is_dir() and TOKENIZER_LICENSE.is_file():
+        shutil.copyfile(TOKENIZER_LICENSE, folder / "tokenizer" / "LICENSE")
+    path = folder / "README.md"
+    path.write_text(text)
+    return path
