@@ -1,4 +1,5 @@
-"""Layer names and resolutions on the published SD 1.5, SD 2.1 and SDXL UNet configurations (meta device)."""
+"""Layer names and resolutions on the published SD 1.5, SD 2.1 and SDXL UNet configurations (meta device), and a
+capture on the SD 1.5 architecture at full width with random weights (CPU, 64x64 images)."""
 
 import types
 from collections import Counter
@@ -67,3 +68,50 @@ def test_table_prints_and_converts():
     df = table.to_pandas()
     assert list(df.columns)[:3] == ["name", "path", "kind"] and len(df) == 32
     assert "down.0.0.self" in str(table)
+
+
+def sd15_pipeline():
+    """SD 1.5's UNet at full width with random weights, behind a tiny VAE (still 8x downsampling) and a
+    one-layer CLIP text encoder of SD 1.5's width 768, so captures run on CPU at 64x64 (8x8 latents)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from attnlens._tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=128, num_hidden_layers=1,
+                                        num_attention_heads=12, max_position_embeddings=77, bos_token_id=49406,
+                                        eos_token_id=49407, pad_token_id=49407))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=load_tokenizer(), unet=UNet2DConditionModel(**SD15),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.slow  # about 20 s on 2 busy CPU cores (most of it building the 860M-parameter UNet), peak ~4 GB RSS
+def test_capture_on_the_sd15_architecture_matches_the_layer_table():
+    from attnlens import capture
+
+    pipe = sd15_pipeline()
+    assert sum(p.numel() for p in pipe.unet.parameters()) > 850e6  # the real channel widths
+    table = layers(pipe)
+    with torch.no_grad(), capture(pipe, kind=None, layers="*", heads="all", dtype=torch.float32) as cache:
+        image = pipe("a red star on the left", height=64, width=64, num_inference_steps=2, guidance_scale=7.5,
+                     output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 64, 3) and cache.latent_hw == (8, 8)
+    assert len(cache) == 2 * len(table) == 64
+    shrink = table[0].resolution[0] // 8  # the table is at SD 1.5's default 64x64 latents; this run has 8x8
+    for info in table:
+        h, w = info.resolution[0] // shrink, info.resolution[1] // shrink
+        assert (h, w) == info.grid((8, 8))
+        for step in (0, 1):
+            maps = cache[info.name, step]
+            assert maps.shape == (1, info.heads, h, w, 77 if info.kind == "cross" else h * w), info.name
+            torch.testing.assert_close(maps.sum(-1), torch.ones(maps.shape[:-1]), atol=1e-4, rtol=0)
+    assert Counter(cache[i.name, 0].shape[2] for i in table if i.kind == "self") == {8: 5, 4: 5, 2: 5, 1: 1}
+    assert cache.word_map("star").shape == (8, 8)
