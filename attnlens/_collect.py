@@ -77,22 +77,48 @@ def _short(values: Sequence, n: int = 8) -> str:
 
 
 # ------------------------------------------------------------------------------------------ features
-class _ShardReader(Mapping):
+class _Lazy(Mapping):
+    """Feature arrays produced on access (not held in memory)."""
+
+
+class _Rows(_Lazy):
+    """Some rows of another mapping's arrays, taken on access."""
+
+    def __init__(self, base: Mapping, rows: np.ndarray) -> None:
+        self.base, self.rows = base, rows
+
+    def __getitem__(self, key: Key) -> np.ndarray:
+        return np.asarray(self.base[key])[self.rows]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.base
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+class _ShardReader(_Lazy):
     """Reads one feature key at a time from a shard directory (bounded memory)."""
 
     def __init__(self, root: Path, shards: list[Path], keys: list[Key]) -> None:
-        self.root, self.shards, self._keys = root, shards, keys
+        self.root, self.shards, self._keys, self._set = root, shards, keys, set(keys)
 
     def __getitem__(self, key: Key) -> np.ndarray:
         from safetensors import safe_open
 
-        if key not in self._keys:
+        if key not in self._set:
             raise KeyError(key)
         parts = []
         for path in self.shards:
             with safe_open(str(path), framework="numpy") as f:
                 parts.append(f.get_tensor(_key_str(key)))
         return np.concatenate(parts, axis=0)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._set
 
     def __iter__(self) -> Iterator[Key]:
         return iter(self._keys)
@@ -143,7 +169,7 @@ class Features:
         for key in list(X):
             if not (isinstance(key, tuple) and len(key) == 3 and isinstance(key[0], str) and isinstance(key[1], str)):
                 raise AttnlensError(f"feature keys are (feature, layer, step) tuples, got {key!r}")
-        if not isinstance(X, _ShardReader):
+        if not isinstance(X, _Lazy):
             for key, arr in X.items():
                 if getattr(arr, "ndim", None) != 2:
                     raise AttnlensError(f"features {key} must be a 2-d array (samples, features), got shape "
@@ -188,6 +214,23 @@ class Features:
         if attribute not in self.labels:
             raise AttnlensError(f"unknown attribute {attribute!r}; the labels are {choices(self.labels)}")
         return self[key], self.y[attribute].to_numpy(), self.groups
+
+    def select(self, rows: Any) -> "Features":
+        """The features of some samples only: ``rows`` is a boolean mask of length ``n`` or indices.
+
+        Example: drop a rare class before probing, ``f.select(f.y["colour"] != "pink")``.
+        """
+        rows = np.asarray(rows)
+        if rows.dtype == bool:
+            if rows.shape != (len(self),):
+                raise AttnlensError(f"a boolean row mask needs {len(self)} entries, got {rows.shape[0] if rows.ndim else 0}")
+            rows = np.flatnonzero(rows)
+        rows = rows.astype(int)
+        if len(rows) and (rows.min() < -len(self) or rows.max() >= len(self)):
+            raise AttnlensError(f"row index out of range for {len(self)} samples")
+        X = _Rows(self.X, rows) if isinstance(self.X, _Lazy) else {k: v[rows] for k, v in self.X.items()}
+        return Features(X, self.y.iloc[rows], self.groups[rows], layers=self.layers, n_steps=self.n_steps,
+                        config=self.config)
 
     def __repr__(self) -> str:
         return (f"Features({len(self)} samples, {len(self.X)} keys, features {self.features}, labels {self.labels})")

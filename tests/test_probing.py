@@ -124,6 +124,11 @@ def test_resume_after_a_crash_loses_and_duplicates_nothing(pipe, reference, tmp_
     assert_same(reference, run(pipe, out=out, batch_size=2, shard_size=4))  # complete: nothing to redo
     assert calls == []
     assert_same(reference, load_features(out))
+    keep = (f.y["seed"] == 1).to_numpy()
+    sub = f.select(keep)  # lazy rows of the shard directory
+    assert len(sub) == 6 and list(sub.y["seed"]) == [1] * 6
+    np.testing.assert_allclose(sub["shape", "mid.0.cross", 1], reference["shape", "mid.0.cross", 1][keep], atol=1e-6)
+    assert np.array_equal(sub.groups, reference.groups[keep])
 
 
 def test_a_shard_directory_from_another_configuration_is_refused(pipe, tmp_path):
