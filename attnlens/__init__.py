@@ -13,11 +13,12 @@ from ._control import Controller, Site, control
 from ._editing import METHODS, EditResult, Inversion, edit, edit_image, invert
 from ._errors import AttnlensError
 from ._layers import LayerInfo, layers
+from ._metrics import CLIPMetrics
 from ._pipeline import load_pipeline
 from ._probing import probe, probe_heatmap
 from ._select import Selector
 
 __all__ = ["Features", "collect", "load_features", "probe", "probe_heatmap",
-           "AttentionCache", "AttnlensError", "Controller", "EditResult", "Inversion", "LayerInfo", "METHODS", "Selector",
+           "AttentionCache", "AttnlensError", "CLIPMetrics", "Controller", "EditResult", "Inversion", "LayerInfo", "METHODS", "Selector",
            "Site", "capture", "control", "edit", "edit_image", "invert", "layers", "load_pipeline"]
 __version__ = "0.1.0"
