@@ -581,7 +581,9 @@ def collect(
             (default: seed 0).
         labels: labels for a list of str prompts, ``{column: values}`` or a DataFrame, one row per prompt.
         out: a directory to stream shards to (resumable); ``None`` keeps everything in memory.
-        batch_size: prompts per pipeline call. shard_size: generations per shard file.
+        batch_size: prompts per pipeline call. shard_size: generations per shard file. Memory holds one
+            batch's captured maps (``batch_size x sites x h*w*77`` floats for cross-attention) and, with
+            ``out``, one shard's features; without ``out``, all features.
         resolution: downsample cross-attention maps to at most this grid side (``None``: the layer's grid).
         self_grid: side of the pooled query and key grids of the self-attention summary.
         image_labels: optional ``image -> {column: value}`` (for instance the Shapes oracle) run on each

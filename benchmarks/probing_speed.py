@@ -37,9 +37,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=250)
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--batch", type=int, default=25)
+    ap.add_argument("--batch", type=int, default=10, help="prompts per pipeline call (memory grows with it)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the target is for 2 CPU cores)")
-    ap.add_argument("--jobs", type=int, default=1, help="parallel probe fits (joblib processes)")
+    ap.add_argument("--jobs", type=int, default=2, help="parallel probe fits (joblib processes; 2 cores)")
     ap.add_argument("--keep", type=Path, default=None, help="keep the shard directory here (default: a temp dir)")
     args = ap.parse_args()
     if args.quick:

@@ -236,6 +236,10 @@ def test_planted_signal_is_found_and_the_shuffled_control_is_at_chance():
     assert abs(hit.control - 1 / 3) < 0.2 and hit.selectivity > 0.5
     assert abs(noise.accuracy - 1 / 3) < 0.2 and abs(noise.selectivity) < 0.25
     assert hit.baseline < 0.5 and hit.n == 96 and hit.n_classes == 3
+    from joblib import parallel_backend
+
+    with parallel_backend("threading"):  # the n_jobs path, without starting worker processes
+        pd.testing.assert_frame_equal(probe(f, "colour", cv=4, n_jobs=2), df.reset_index())  # parallel = serial
     mlp = probe(f, "colour", cv=4, model="mlp", sites=["mid.0.cross@0"], control=False).iloc[0]
     assert mlp.accuracy > 0.9 and np.isnan(mlp.control)
 
