@@ -43,7 +43,7 @@ Point = tuple[float, float]
 __all__ = [
     "as_image", "attention_slider", "image_grid", "image_slider", "layer_grid", "mark", "overlay",
     "self_attention_grid", "self_attention_map", "self_attention_pca", "self_attention_slider",
-    "setup_notebook", "step_grid", "word_grid",
+    "setup_notebook", "step_grid", "word_grid", "OFFLINE_RENDERER",
 ]
 
 
@@ -364,12 +364,45 @@ def self_attention_grid(cache: "AttentionCache", image: Image.Image, layer: str,
 
 
 # ------------------------------------------------------------------------------------ plotly
+OFFLINE_RENDERER = "attnlens_notebook"
+"""The plotly renderer :func:`setup_notebook` registers and selects."""
+
+
+def _register_offline_renderer() -> None:
+    import plotly.io as pio
+    from plotly.io import base_renderers
+
+    class OfflineNotebookRenderer(base_renderers.NotebookRenderer):
+        """plotly's ``"notebook"`` renderer (plotly.js inlined once, when activated) minus the MathJax
+        ``<script>`` it adds to every figure from a CDN, which an offline page cannot load."""
+
+        def to_mimebundle(self, fig_dict):
+            from plotly.io import to_html
+
+            html = to_html(fig_dict, config=self.config, auto_play=self.auto_play, include_plotlyjs=False,
+                           include_mathjax=False, post_script=self.post_script, full_html=False,
+                           animation_opts=self.animation_opts, default_width="100%", default_height=525,
+                           validate=False)
+            return {"text/html": html}
+
+    if OFFLINE_RENDERER not in pio.renderers:
+        pio.renderers[OFFLINE_RENDERER] = OfflineNotebookRenderer()
+
+
 def setup_notebook(renderer: str | None = None) -> None:
     """The set-up every chapter and lab calls first.
 
-    Sets plotly's renderer to ``"notebook"`` (plotly.js inlined in the page once, so figures draw in an
-    offline static HTML page; ``$ATTNLENS_PLOTLY_RENDERER`` or ``renderer`` choose another), and quiets
-    library progress bars and deprecation notices so pages show only what the chapter prints.
+    Selects a plotly renderer that works in an offline static HTML page: :data:`OFFLINE_RENDERER`,
+    plotly's ``"notebook"`` renderer (plotly.js inlined in the page once) without the MathJax script it
+    would load from a CDN for every figure (``$ATTNLENS_PLOTLY_RENDERER`` or ``renderer`` choose
+    another). Also quiets library progress bars and deprecation notices, so pages show only what the
+    chapter prints.
+
+    Example:
+        >>> import plotly.io as pio
+        >>> setup_notebook(renderer="json")
+        >>> pio.renderers.default, OFFLINE_RENDERER in pio.renderers
+        ('json', True)
     """
     import warnings
 
@@ -391,7 +424,8 @@ def setup_notebook(renderer: str | None = None) -> None:
         pass
     import plotly.io as pio
 
-    pio.renderers.default = renderer or os.environ.get("ATTNLENS_PLOTLY_RENDERER") or "notebook"
+    _register_offline_renderer()
+    pio.renderers.default = renderer or os.environ.get("ATTNLENS_PLOTLY_RENDERER") or OFFLINE_RENDERER
 
 
 def _data_uri(image: Image.Image) -> str:

@@ -287,8 +287,10 @@ def settings_html(settings: dict[str, Any]) -> str:
     for key, value in settings.items():
         if key in ("source_prompt", "target_prompt"):
             continue
-        if isinstance(value, (list, tuple)) and key.endswith("layers"):
+        if key.endswith("layers") and isinstance(value, (list, tuple)):
             value = f"{len(value)} layers"
+        elif key.endswith("layers") and isinstance(value, dict):
+            value = ", ".join(f"{k}: {len(v)} layers" if isinstance(v, (list, tuple)) else f"{k}: {v}" for k, v in value.items())
         parts.append(f"<code>{html.escape(str(key))}={html.escape(str(value))}</code>")
     return "settings: " + ", ".join(parts)
 

@@ -17,10 +17,21 @@ tar xzf "$tmp"/requirejs-*.tgz -C "$tmp/rq"
 cp "$tmp/hm/package/dist/embed-amd.js" "$out/embed-amd.js"
 cp "$tmp/hm/package/dist/embed.js.LICENSE.txt" "$out/embed-amd.js.LICENSE.txt"
 cp "$tmp/rq/package/require.js" "$out/require.js"
+# The bundles' CSS asks for Font Awesome 5 next to each AMD module's URL; attnlens-widgets-config.js
+# points require.js at _static/, so the fonts are served from there (woff2: every browser takes it first).
+fonts=$(grep -o '"[0-9a-f]\{20\}\.woff2"' "$out/embed-amd.js" | tr -d '"' | sort -u)
+rm -rf "$out/@jupyter-widgets"
+mkdir -p "$out/@jupyter-widgets/html-manager/dist"
+for f in $fonts; do
+  cp "$tmp/hm/package/dist/$f" "$out/@jupyter-widgets/$f"
+  cp "$tmp/hm/package/dist/$f" "$out/@jupyter-widgets/html-manager/dist/$f"
+done
 cat > "$out/VERSIONS" <<TXT
 @jupyter-widgets/html-manager $HTML_MANAGER (BSD-3-Clause): dist/embed-amd.js; bundled licences in embed-amd.js.LICENSE.txt
 requirejs $REQUIREJS (MIT, see the header of require.js): require.js
+Font Awesome 5 Free webfonts (SIL OFL 1.1) bundled by html-manager: @jupyter-widgets/**/*.woff2
+attnlens-widgets-config.js is attnlens' own (not vendored)
 fetched with scripts/vendor_js.sh (npm pack)
 TXT
-(cd "$out" && sha256sum embed-amd.js require.js > SHA256SUMS)
+(cd "$out" && sha256sum embed-amd.js require.js @jupyter-widgets/*.woff2 > SHA256SUMS)
 echo "vendored into $out:"; cat "$out/VERSIONS"; cat "$out/SHA256SUMS"

@@ -1,0 +1,137 @@
+"""The book's sources and, when a build exists, its HTML.
+
+Chapters are MyST Markdown notebooks in book/ and lab notebooks in notebooks/; every one must be in
+_toc.yml, have the course's sections, load its model through the one switch, keep no outputs, and take
+every number in its prose from the build (glue), not from the keyboard.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+
+ROOT = Path(__file__).resolve().parent.parent
+TOC = ROOT / "_toc.yml"
+
+spec = importlib.util.spec_from_file_location("check_book", ROOT / "scripts" / "check_book.py")
+check_book = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(check_book)
+
+
+def pages() -> list[Path]:
+    return sorted(ROOT.glob("book/*.md")) + sorted(ROOT.glob("notebooks/*.ipynb")) + sorted(ROOT.glob("notebooks/*.md"))
+
+
+def text_cells(path: Path) -> tuple[str, list[str]]:
+    """(markdown prose, code cells) of a chapter or lab."""
+    if path.suffix == ".ipynb":
+        nb = json.loads(path.read_text())
+        md = "\n\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+        code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+        return md, code
+    text = path.read_text()
+    code = re.findall(r"```\{code-cell\}[^\n]*\n(.*?)```", text, flags=re.S)
+    prose = re.sub(r"```.*?```", "", re.sub(r"\A---\n.*?\n---\n", "", text, flags=re.S), flags=re.S)
+    return prose, code
+
+
+def is_notebook(path: Path) -> bool:
+    return path.suffix == ".ipynb" or "kernelspec:" in path.read_text().split("\n---", 1)[0]
+
+
+NOTEBOOKS = [p for p in pages() if is_notebook(p)]
+
+
+def test_toc_lists_every_page_and_only_existing_ones():
+    listed = check_book.toc_pages(TOC)
+    on_disk = {str(p.relative_to(ROOT).with_suffix("")) for p in pages()}
+    assert sorted(on_disk - set(listed)) == [], "pages missing from _toc.yml"
+    missing = [p for p in listed if not any((ROOT / f"{p}{ext}").exists() for ext in (".md", ".ipynb"))]
+    assert missing == [], "_toc.yml lists files that do not exist"
+    assert len(set(listed)) == len(listed), "a page is listed twice"
+
+
+def test_toc_is_a_course_with_parts():
+    toc = yaml.safe_load(TOC.read_text())
+    assert toc["format"] == "jb-book" and toc["parts"]
+    assert all(part.get("caption") and part.get("chapters") for part in toc["parts"])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_chapter_has_the_course_sections(path):
+    prose, code = text_cells(path)
+    headings = [h.strip().lower() for h in re.findall(r"^##\s+(.+)$", prose, flags=re.M)]
+    for required in ("what you will learn", "set-up", "summary", "exercises"):
+        assert required in headings, f"{path.name}: no '## {required}' section"
+    assert headings.index("what you will learn") < headings.index("set-up") < headings.index("summary") < headings.index("exercises")
+    exercises = prose.split("## Exercises", 1)[1]
+    n_solutions = exercises.count(":::{dropdown} Solution") + exercises.count("<summary>Solution</summary>")
+    assert n_solutions >= 1, f"{path.name}: exercises without a hidden solution"
+    assert re.search(r"^\s*1\.\s", exercises, flags=re.M), f"{path.name}: no numbered exercise"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_chapter_set_up_uses_the_one_model_switch(path):
+    _, code = text_cells(path)
+    setup = code[0]
+    assert "viz.setup_notebook()" in setup, f"{path.name}: the set-up cell must call viz.setup_notebook()"
+    assert "attnlens.load_pipeline()" in setup, f"{path.name}: load the model with load_pipeline() (ATTNLENS_MODEL picks it)"
+    assert not re.search(r"load_pipeline\([^)]", "\n".join(code)), f"{path.name}: load_pipeline with an argument"
+
+
+@pytest.mark.parametrize("path", [p for p in pages() if p.suffix == ".ipynb"], ids=lambda p: p.name)
+def test_notebooks_are_committed_without_outputs(path):
+    nb = json.loads(path.read_text())
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            assert cell.get("outputs") == [] and cell.get("execution_count") is None, f"{path.name} has outputs"
+    assert "widgets" not in nb["metadata"], f"{path.name} carries saved widget state"
+
+
+# Numbers that may appear in prose: model and paper names, dtypes, list markers, and the definitional 0 and 1
+# ("sums to 1", "from 0 to 1"). Everything else must come from a {glue} role.
+ALLOWED = re.compile(r"\b(?:fp|bf|float)(?:16|32)\b|(?:SD|Stable Diffusion|diffusers)\s*\d(?:\.\d)?|CVPR \d{4}|\b(?:19|20)\d{2}\b|Lab \d|\b[01]\b|^\s*\d+\.\s",
+                     re.M)
+
+
+def prose_numbers(prose: str) -> list[str]:
+    text = re.sub(r"\{glue(?::\w+)?\}`[^`]*`", "", prose)   # glued values
+    text = re.sub(r"`[^`]*`", "", text)                      # inline code
+    text = re.sub(r"\]\([^)]*\)|<[^>]+>|\{doc\}`[^`]*`", "", text)  # link targets, HTML tags
+    text = re.sub(r"^#+ .*$", "", text, flags=re.M)          # headings
+    text = ALLOWED.sub("", text)
+    return re.findall(r"[^\s]*\d[^\s]*", text)
+
+
+def test_prose_number_check_catches_typed_numbers():
+    assert prose_numbers("The map covers 12.5% of the image.") == ["12.5%"]
+    assert prose_numbers("It has {glue}`n_layers` layers on a 4x4 grid.") == ["4x4"]
+    assert prose_numbers("Stable Diffusion 1.5 rows sum to 1, see `cache[0, 3]`.\n1. An exercise") == []
+
+
+@pytest.mark.parametrize("path", pages(), ids=lambda p: p.name)
+def test_no_number_typed_by_hand_in_prose(path):
+    prose, _ = text_cells(path)
+    assert prose_numbers(prose) == [], f"{path.name}: numbers in prose must come from glue"
+
+
+def test_remote_load_check_catches_cdn_scripts_and_stylesheets():
+    page = ('<script src="https://cdn.example/x.js"></script><script src="../_static/y.js"></script>'
+            '<link rel="stylesheet" href="//fonts.example/css"><link rel="canonical" href="https://a.example/">'
+            '<a href="https://github.com">ok</a>')
+    assert check_book.remote_loads(page) == ["<script> https://cdn.example/x.js", "<link> //fonts.example/css"]
+
+
+BUILT = sorted((ROOT / "_build" / "html").rglob("*.html"))
+
+
+@pytest.mark.skipif(not BUILT, reason="no book build in _build/html (scripts/book.sh makes one)")
+def test_built_html_loads_nothing_from_the_network():
+    bad = {str(p.relative_to(ROOT)): check_book.remote_loads(p.read_text(errors="replace")) for p in BUILT}
+    assert {k: v for k, v in bad.items() if v} == {}
