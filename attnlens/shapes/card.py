@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import struct
 from pathlib import Path
 
@@ -209,11 +208,13 @@ def render_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_p
     comp_rows, total_params = [], 0
     for comp in ("unet", "text_encoder", "vae", "tokenizer", "scheduler"):
         files = [f for f in sorted((folder / comp).glob("*")) if f.is_file()]
-        size = sum(f.stat().st_size for f in files)
+        size = sum(f.stat().st_size for f in files if not f.is_symlink())
         params = sum(_parameters(f) for f in files if f.suffix == ".safetensors")
         total_params += params
         comp_rows.append(f"| {comp} | {params:,} | {size:,} bytes ({_mb(size)}) |")
-    total = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name != "README.md")
+    total = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink() and f.name != "README.md")
+    links = sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_symlink())
+    linked = sum(f.stat().st_size for f in folder.rglob("*") if f.is_symlink() and f.is_file())
 
     levels = len(unet_cfg.get("block_out_channels", []))
     latent = unet_cfg.get("sample_size")
@@ -274,6 +275,9 @@ def render_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_p
         *comp_rows,
         f"| **total** (folder, without this card) | {total_params:,} | {total:,} bytes ({_mb(total)}) |",
         "",
+        *([f"The tokenizer files {', '.join(f'`{x}`' for x in links)} ({linked:,} bytes, {_mb(linked)}) are links to "
+           "the package's own copy in `attnlens/tokenizer/`, kept once in the repository; a wheel or a copy with "
+           "`cp -L` holds the files themselves.", ""] if links else []),
         "## Training data",
         "",
         f"Renders of the Shapes world (`attnlens.shapes`): one anti-aliased object on a plain background, "
@@ -361,7 +365,9 @@ def write_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_pa
     folder = Path(folder)
     text = render_card(folder, results_path, oracle_path)
     if (folder / "tokenizer").is_dir() and TOKENIZER_LICENSE.is_file():
-        shutil.copyfile(TOKENIZER_LICENSE, folder / "tokenizer" / "LICENSE")
+        from .train import link_or_copy
+
+        link_or_copy(TOKENIZER_LICENSE, folder / "tokenizer" / "LICENSE")
     path = folder / "README.md"
     path.write_text(text)
     return path

@@ -24,6 +24,7 @@ import copy
 import json
 import shutil
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -346,6 +347,20 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
                             {"step": done, "config": asdict(cfg), "seed": seed, "scaling_factor": scale})
 
 
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Put ``src`` at ``dst``: a relative symbolic link when both lie inside the attnlens package (the
+    embedded model's tokenizer files are the package's own, kept once in the repository), else a copy."""
+    package = Path(__file__).resolve().parents[1]
+    dst = Path(dst)
+    if dst.is_symlink() or dst.exists():
+        dst.unlink()
+    src_r, dst_parent = Path(src).resolve(), dst.parent.resolve()
+    if package in src_r.parents and package in dst_parent.parents:
+        dst.symlink_to(os.path.relpath(src_r, dst_parent))
+    else:
+        shutil.copyfile(src_r, dst)
+
+
 def export(workdir: Path, out: Path, use_ema: bool = True) -> Path:
     """Write the trained parts as a diffusers ``StableDiffusionPipeline`` folder (fp16 safetensors)."""
     from diffusers import StableDiffusionPipeline
@@ -369,8 +384,8 @@ def export(workdir: Path, out: Path, use_ema: bool = True) -> Path:
     # merges.txt pair it was built from instead, which CLIPTokenizer reads just as well
     tok_dir = Path(out) / "tokenizer"
     (tok_dir / "tokenizer.json").unlink(missing_ok=True)
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copyfile(Path(__file__).parents[1] / "tokenizer" / name, tok_dir / name)
+    for name in ("vocab.json", "merges.txt", "LICENSE"):
+        link_or_copy(Path(__file__).parents[1] / "tokenizer" / name, tok_dir / name)
     from .card import summarize_log, weight_sums, write_card
 
     vae_meta = json.loads((workdir / "vae.safetensors.json").read_text())["meta"]
