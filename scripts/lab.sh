@@ -5,7 +5,7 @@
 # the book's "JupyterLab" launch links (http://localhost:8888/lab/tree/...) land here.
 #   scripts/lab.sh                       # the embedded Shapes model, CPU
 #   ATTNLENS_MODEL=/path/to/sd scripts/lab.sh   # any diffusers folder or hub id (GPU when present)
-#   ATTNLENS_LAB_PORT=8899 scripts/lab.sh [jupyter lab options...]
+#   ATTNLENS_LAB_PORT=8899 scripts/lab.sh [jupyter lab options...]   (as root, JupyterLab wants --allow-root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup_env.sh .venv-book book
