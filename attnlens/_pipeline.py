@@ -159,6 +159,14 @@ def default_device_dtype(device: str | torch.device | None = None, dtype: torch.
     return device, dtype
 
 
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    """diffusers renamed ``torch_dtype`` to ``dtype``: use the new name where it exists (the old one warns)."""
+    from diffusers.utils import deprecation_utils
+
+    new = hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE")
+    return {"dtype": dtype} if new else {"torch_dtype": dtype}
+
+
 def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.device | None = None,
                   dtype: torch.dtype | None = None, **kwargs: Any):
     """Load a Stable Diffusion-family pipeline from a hub id or a local folder (safetensors only).
@@ -184,7 +192,7 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.de
     if local.is_dir():
         check_model_folder(local)  # a missing or damaged file is named, with how to rebuild it
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(model), torch_dtype=dtype, use_safetensors=True,
+        pipe = DiffusionPipeline.from_pretrained(str(model), **_dtype_kwarg(dtype), use_safetensors=True,
                                                  trust_remote_code=False, **kwargs)
     except (OSError, EnvironmentError, ValueError) as exc:
         hint = f" {_rebuild_hint(local)}" if local.is_dir() else ""

@@ -59,7 +59,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 import attnlens  # noqa: E402
-from attnlens._pipeline import EMBEDDED_MODEL  # noqa: E402
+from attnlens._pipeline import EMBEDDED_MODEL, _dtype_kwarg  # noqa: E402
 from attnlens.shapes import ATTRIBUTES, describe, iter_scenes, render, sample_scene  # noqa: E402
 from attnlens.shapes import oracle  # noqa: E402
 from attnlens.shapes.card import fingerprint  # noqa: E402
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
     pipe.set_progress_bar_config(disable=True)
     from diffusers import StableDiffusionPipeline
 
-    plain = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32, use_safetensors=True)
+    plain = StableDiffusionPipeline.from_pretrained(model, **_dtype_kwarg(torch.float32), use_safetensors=True)
     plain.set_progress_bar_config(disable=True)
 
     pairs = prompt_list()
