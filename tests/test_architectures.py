@@ -1,6 +1,7 @@
 """Layer names and resolutions on the published SD 1.5, SD 2.1 and SDXL UNet configurations (meta device), and a
 capture on the SD 1.5 architecture at full width with random weights (CPU, 64x64 images)."""
 
+import functools
 import types
 from collections import Counter
 
@@ -70,6 +71,7 @@ def test_table_prints_and_converts():
     assert "down.0.0.self" in str(table)
 
 
+@functools.lru_cache(maxsize=1)
 def sd15_pipeline():
     """SD 1.5's UNet at full width with random weights, behind a tiny VAE (still 8x downsampling) and a
     one-layer CLIP text encoder of SD 1.5's width 768, so captures run on CPU at 64x64 (8x8 latents)."""
@@ -115,3 +117,29 @@ def test_capture_on_the_sd15_architecture_matches_the_layer_table():
             torch.testing.assert_close(maps.sum(-1), torch.ones(maps.shape[:-1]), atol=1e-4, rtol=0)
     assert Counter(cache[i.name, 0].shape[2] for i in table if i.kind == "self") == {8: 5, 4: 5, 2: 5, 1: 1}
     assert cache.word_map("star").shape == (8, 8)
+
+
+@pytest.mark.slow  # the same 860M-parameter UNet, five edits of two steps
+def test_every_editing_method_on_the_sd15_architecture():
+    """The defaults land on the reference codes' layers: FPE edits the 11 self-attention layers at the 32x32,
+    16x16 and 8x8 levels of a 512x512 run (here 4x4, 2x2, 1x1 at 8x8 latents), P2P copies self-attention at
+    the 16x16 and 8x8 levels (6 layers), MasaCtrl the decoder's two upper levels (6 layers)."""
+    import attnlens
+
+    pipe = sd15_pipeline()
+    z = attnlens._editing.start_noise(pipe, 0, 64, 64)
+    with torch.no_grad():
+        alone = pipe("a red star", latents=z, height=64, width=64, num_inference_steps=2, output_type="pt").images
+    counts = {}
+    for method in sorted(attnlens.METHODS):
+        with torch.no_grad():
+            r = attnlens.edit(pipe, "a red star", "a blue star", method=method, latents=z, num_inference_steps=2,
+                              height=64, width=64)
+        assert r.source.size == (64, 64)
+        torch.testing.assert_close(r.pixels[:1], alone, atol=1e-4, rtol=0)
+        counts[method] = {k: len(v) for k, v in r.settings["edited_layers"].items()}
+    assert counts["fpe"] == {"InjectQK": 11}
+    assert counts["p2p"] == {"CrossMapEdit": 16, "CopyMap": 6}
+    assert counts["cross"] == {"CrossMapEdit": 16}
+    assert counts["masactrl"] == {"InjectKV": 6}
+    assert counts["none"] == {}
