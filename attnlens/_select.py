@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
@@ -100,11 +101,12 @@ class Selector:
             if not 0.0 <= lo <= hi <= 1.0:
                 raise AttnlensError(f"a fraction range of steps needs 0 <= start <= end <= 1, got {s}")
             return {i for i in range(n_steps) if lo * n_steps <= i < hi * n_steps}
-        idx = [s] if isinstance(s, int) else list(s)
-        bad = [i for i in idx if not isinstance(i, int) or not -n_steps <= i < n_steps]
+        idx = [s] if isinstance(s, numbers.Integral) else list(s)
+        bad = [i for i in idx if not isinstance(i, numbers.Integral) or isinstance(i, bool)
+               or not -n_steps <= i < n_steps]
         if bad:
             raise AttnlensError(f"step(s) {bad} out of range: the schedule has {n_steps} steps (0..{n_steps - 1})")
-        return {i % n_steps for i in idx}
+        return {int(i) % n_steps for i in idx}
 
     # ------------------------------------------------------------------ heads and batch
     def head_indices(self, n_heads: int) -> list[int] | None:

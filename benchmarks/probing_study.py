@@ -51,6 +51,9 @@ WORDS = {"shape_word": "{shape}", "colour_word": "{colour}", "end": "<end>"}
 FEATURES = [*WORDS, "self"]
 
 
+SCENE_SEED = 5  # the seed of the study's prompt list (recorded in its JSON; the book's live slice reuses it)
+
+
 def balanced_scenes(n: int, seed: int) -> list[shapes.Scene]:
     """``n`` scenes whose every attribute takes each value equally often (up to rounding), combined at random."""
     rng = np.random.default_rng(seed)
@@ -163,7 +166,7 @@ def main() -> None:
 
     pipe = attnlens.load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
-    scenes = balanced_scenes(args.prompts, seed=5)
+    scenes = balanced_scenes(args.prompts, seed=SCENE_SEED)
     tmp = args.features_dir or Path(tempfile.mkdtemp(prefix="probing_study_")) / "feats"
     t0 = time.perf_counter()
     try:
@@ -190,7 +193,7 @@ def main() -> None:
                             f"{len(y)} generations)")
     fig.write_html(results / f"{stem}.html", include_plotlyjs="cdn")
     meta = {"model": str(args.model or os.environ.get("ATTNLENS_MODEL") or "embedded Shapes model"),
-            "generations": len(y), "prompts": args.prompts, "seeds": args.seeds, "steps": args.steps,
+            "generations": len(y), "prompts": args.prompts, "scene_seed": SCENE_SEED, "seeds": args.seeds, "steps": args.steps,
             "probe_steps": args.probe_steps, "cv": args.cv, "probe": args.model_kind,
             "collect_seconds": round(collect_s, 1), "probe_seconds": round(probe_s, 1),
             "oracle_found": float(y["seen_found"].astype(str).isin(["True", "true", "1"]).mean()),
