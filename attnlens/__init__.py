@@ -10,7 +10,7 @@ from ._cache import AttentionCache
 from ._collect import Features, collect, load_features
 from ._capture import capture
 from ._control import Controller, Site, control
-from ._editing import METHODS, EditResult, Inversion, edit, edit_image, invert
+from ._editing import METHODS, EditResult, Inversion, default_layers, edit, edit_image, invert
 from ._errors import AttnlensError
 from ._layers import LayerInfo, layers
 from ._metrics import CLIPMetrics
@@ -20,5 +20,5 @@ from ._select import Selector
 
 __all__ = ["Features", "collect", "load_features", "probe", "probe_heatmap",
            "AttentionCache", "AttnlensError", "CLIPMetrics", "Controller", "EditResult", "Inversion", "LayerInfo", "METHODS", "Selector",
-           "Site", "capture", "control", "edit", "edit_image", "invert", "layers", "load_pipeline"]
+           "Site", "capture", "control", "default_layers", "edit", "edit_image", "invert", "layers", "load_pipeline"]
 __version__ = "0.1.0"

@@ -14,8 +14,9 @@ prompts, source first) and differs only in what it does to the target's attentio
 ========== ==================================================================================
 
 Defaults are the reference codes' settings expressed relative to the model (levels by their size
-relative to the latent grid, steps as fractions of the schedule), so they mean the same on SD 1.5 at
-512x512 (64x64 latents) and on the Shapes model (16x16 latents).
+relative to the model's finest attention level, steps as fractions of the schedule), so they mean the
+same on SD 1.5 at 512x512 (64x64 latents) and on the Shapes model (16x16 latents);
+:func:`default_layers` lists the layers a method edits on a given model.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ class FPEOptions:
     """``fpe``: Free-Prompt Editing (Liu et al. 2024).
 
     Args:
-        max_resolution: edit self-attention layers whose query grid side is at most this (default: half the
-            latent side, i.e. every level but the highest: 32, 16 and 8 on SD 1.5 at 512x512).
+        max_resolution: edit self-attention layers whose query grid side is at most this (default: half the side
+            of the model's finest attention level, i.e. every level but that one: 32, 16 and 8 on SD 1.5 at
+            512x512, the official code's rule; 32 on SDXL at 1024x1024, which has no attention at 128).
         steps: which denoising steps (anything a :class:`Selector` takes; default the first 80%).
         branch: ``"cond"`` (the official code), ``"uncond"`` or ``"both"``.
         path: ``"fused"`` (source Q, K into fused attention) or ``"explicit"`` (materialised map, the reference).
@@ -72,7 +74,8 @@ class P2POptions:
             ``"auto"`` (replace when the token counts match, else refine).
         cross_replace_steps: steps (fraction of the schedule, or a Selector step spec) of cross-attention editing.
         self_replace_steps: steps of the self-attention map copy (``0`` or ``None``: no copy).
-        self_max_resolution: self-attention levels copied (default: a quarter of the latent side: 16 and 8 on SD 1.5).
+        self_max_resolution: self-attention levels copied (default: a quarter of the side of the finest attention
+            level: 16 and 8 on SD 1.5 at 512x512, the reference code's rule).
         reweight: ``{word of the target prompt: factor}`` scaling that word's cross-attention.
         local_blend: ``(source word, target word)``: outside their cross-attention masks the target latent
             is reset to the source's after each step (from ``blend_start`` of the schedule).
@@ -110,7 +113,8 @@ class MasaCtrlOptions:
     Args:
         start_step: first edited step, as a fraction of the schedule (4 of 50 in the reference code: 0.08).
         min_resolution: decoder self-attention layers whose query grid side is at least this (default: half the
-            latent side, i.e. the decoder's two upper levels, the reference's "from the 10th layer" on SD 1.5).
+            side of the finest attention level, i.e. the decoder's two upper attention levels: the reference's
+            "from the 10th layer" on SD 1.5).
         branch: ``"both"`` (the reference code edits both halves), ``"cond"`` or ``"uncond"``.
     """
 
@@ -250,53 +254,101 @@ class EditResult:
 
 
 # ------------------------------------------------------------------------------------------ controllers
-def _controllers(pipe: Any, method: str, opts: Any, source: str, target: str, hw: tuple[int, int]) -> list[Controller]:
-    side = max(hw)
+def _limits(method: str, opts: Any, table: Any, hw: tuple[int, int]) -> dict[str, int]:
+    """The resolution thresholds in force, defaults resolved against the model's finest attention level."""
+    sides = [max(i.grid(hw)) for i in table if i.kind == "self"]
+    top = max(sides) if sides else max(hw)  # SD 1.5 at 512: 64; SDXL at 1024: 64 (no attention at 128)
+    if method == "fpe":
+        return {"max_resolution": opts.max_resolution if opts.max_resolution is not None else top // 2}
+    if method == "masactrl":
+        return {"min_resolution": opts.min_resolution if opts.min_resolution is not None else top // 2}
+    if method == "p2p":
+        return {"self_max_resolution": opts.self_max_resolution if opts.self_max_resolution is not None else top // 4}
+    return {}
+
+
+def _selectors(method: str, opts: Any, table: Any, hw: tuple[int, int]) -> list[tuple[str, Selector]]:
+    """``(controller kind, selector)`` for each controller of a method."""
+    lim = _limits(method, opts, table, hw)
 
     def res(i: Any) -> int:  # the layer's query grid side at this latent size
         return max(i.grid(hw))
 
     if method == "fpe":
-        limit = opts.max_resolution if opts.max_resolution is not None else side // 2
-        sel = Selector(kind="self", layers=lambda i: res(i) <= limit, steps=_fraction_steps(opts.steps),
-                       branch=opts.branch)
-        return [InjectQK(sel) if opts.path == "fused" else CopyMap(sel)]
+        limit = lim["max_resolution"]
+        return [("fpe", Selector(kind="self", layers=lambda i: res(i) <= limit, steps=_fraction_steps(opts.steps),
+                                 branch=opts.branch))]
     if method == "masactrl":
-        limit = opts.min_resolution if opts.min_resolution is not None else side // 2
-        sel = Selector(kind="self", layers=lambda i: i.name.startswith("up.") and res(i) >= limit,
-                       steps=(float(opts.start_step), 1.0), branch=opts.branch)
-        return [InjectKV(sel)]
+        limit = lim["min_resolution"]
+        return [("kv", Selector(kind="self", layers=lambda i: i.name.startswith("up.") and res(i) >= limit,
+                                steps=(float(opts.start_step), 1.0), branch=opts.branch))]
     if method in ("p2p", "cross"):
-        mapper, alpha, mode = _alignment(pipe, source, target, opts.mode)
-        scale = None
-        if getattr(opts, "reweight", None):
-            factors = torch.ones(len(mapper))
-            for word, f in opts.reweight.items():
-                factors[_word_tokens(pipe, target, word)] = float(f)
-            scale = {1: factors}
-        out: list[Controller] = [CrossMapEdit(Selector(kind="cross", steps=_fraction_steps(opts.cross_replace_steps)),
-                                              {1: mapper}, {1: alpha}, scale, None)]
+        out = [("cross", Selector(kind="cross", steps=_fraction_steps(opts.cross_replace_steps)))]
         if method == "p2p" and opts.self_replace_steps:
-            limit = opts.self_max_resolution if opts.self_max_resolution is not None else side // 4
-            sel = Selector(kind="self", layers=lambda i: res(i) <= limit, steps=_fraction_steps(opts.self_replace_steps))
+            limit = lim["self_max_resolution"]
             # the default level may not exist on a small model: then there is no self copy (an explicit
             # self_max_resolution that matches nothing is an error, from the selector)
-            if opts.self_max_resolution is not None or any(res(i) <= limit for i in list_layers(pipe) if i.kind == "self"):
-                out.append(CopyMap(sel))
+            if opts.self_max_resolution is not None or any(res(i) <= limit for i in table if i.kind == "self"):
+                out.append(("copy", Selector(kind="self", layers=lambda i: res(i) <= limit,
+                                             steps=_fraction_steps(opts.self_replace_steps))))
         return out
     return []
 
 
-def _settings(method: str, opts: Any, hw: tuple[int, int], steps: int, guidance: float, seed: Any, pipe: Any) -> dict:
-    side = max(hw)
+def _controllers(pipe: Any, method: str, opts: Any, source: str, target: str, hw: tuple[int, int]) -> list[Controller]:
+    out: list[Controller] = []
+    for tag, sel in _selectors(method, opts, list_layers(pipe), hw):
+        if tag == "fpe":
+            out.append(InjectQK(sel) if opts.path == "fused" else CopyMap(sel))
+        elif tag == "kv":
+            out.append(InjectKV(sel))
+        elif tag == "copy":
+            out.append(CopyMap(sel))
+        else:
+            mapper, alpha, _ = _alignment(pipe, source, target, opts.mode)
+            scale = None
+            if getattr(opts, "reweight", None):
+                factors = torch.ones(len(mapper))
+                for word, f in opts.reweight.items():
+                    factors[_word_tokens(pipe, target, word)] = float(f)
+                scale = {1: factors}
+            out.append(CrossMapEdit(sel, {1: mapper}, {1: alpha}, scale, None))
+    return out
+
+
+def default_layers(pipe_or_unet: Any, method: str = "fpe", latent_size: tuple[int, int] | None = None,
+                   **options: Any) -> list[str]:
+    """The attention layers ``method`` edits on a model with these options (names, in execution order).
+
+    The defaults are relative to the model's finest attention level: ``fpe`` edits self-attention at every
+    level but that one, ``p2p`` copies self-attention at a quarter of its side and below, ``masactrl``
+    edits the decoder's self-attention at half its side and above. Works on a pipeline or a bare UNet
+    (also on the ``meta`` device). ``latent_size``: ``(h, w)`` of the latents (default: the UNet's).
+
+    Example:
+        >>> from attnlens._testing import tiny_pipeline
+        >>> default_layers(tiny_pipeline(), "fpe")
+        ['mid.0.self']
+        >>> default_layers(tiny_pipeline(), "masactrl")
+        ['up.1.0.self', 'up.1.1.self']
+    """
+    opts = _options(method, options)
+    table = list_layers(pipe_or_unet)
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    hw = tuple(latent_size) if latent_size is not None else (unet.config.sample_size, unet.config.sample_size)
+    names = set()
+    for _, sel in _selectors(method, opts, table, hw):
+        names |= {i.name for i in sel.match(table)}
+    return [i.name for i in table if i.name in names]
+
+
+def _settings(method: str, opts: Any, hw: tuple[int, int], steps: int, guidance: float, seed: Any, pipe: Any,
+              source: str = "", target: str = "") -> dict:
     out = {"method": method, **dataclasses.asdict(opts), "num_inference_steps": steps, "guidance_scale": guidance,
            "seed": seed, "latent_size": list(hw)}
-    if method == "fpe":
-        out["max_resolution"] = opts.max_resolution if opts.max_resolution is not None else side // 2
-    if method == "masactrl":
-        out["min_resolution"] = opts.min_resolution if opts.min_resolution is not None else side // 2
-    if method == "p2p":
-        out["self_max_resolution"] = opts.self_max_resolution if opts.self_max_resolution is not None else side // 4
+    out.update(_limits(method, opts, list_layers(pipe), hw))
+    if method in ("p2p", "cross"):
+        out["mode"] = _alignment(pipe, source, target, opts.mode)[2]  # the mode used, "auto" resolved
     return out
 
 
@@ -433,7 +485,7 @@ def edit(pipe: Any, source_prompt: str, target_prompt: str, method: str = "fpe",
                                  guidance_scale, capture, negative_prompt, [], None, height, width)
     src, out = _to_pil(pixels)
     settings = _settings(method, opts, tuple(latents.shape[-2:]), num_inference_steps, guidance_scale,
-                         None if given else seed, pipe)
+                         None if given else seed, pipe, source_prompt, target_prompt)
     settings.update(source_prompt=source_prompt, target_prompt=target_prompt, edited_layers=edited)
     return EditResult(src, out, method, settings, latents, cache, time.perf_counter() - t0, pixels=pixels.cpu())
 
@@ -699,7 +751,8 @@ def edit_image(pipe: Any, image: Any, target_prompt: str, source_prompt: str = "
     pixels, cache, edited = _run(pipe, method, opts, source_prompt, target_prompt, path[:1], num_inference_steps,
                                  guidance_scale, capture, None, [follow], embeds, None, None)
     src, out = _to_pil(pixels)
-    settings = _settings(method, opts, tuple(path.shape[-2:]), num_inference_steps, guidance_scale, None, pipe)
+    settings = _settings(method, opts, tuple(path.shape[-2:]), num_inference_steps, guidance_scale, None, pipe,
+                         source_prompt, target_prompt)
     settings.update(source_prompt=source_prompt, target_prompt=target_prompt,
                     inversion="null-text" if inv.null_embeddings is not None else "ddim", edited_layers=edited)
     return EditResult(src, out, method, settings, path[:1].cpu(), cache, time.perf_counter() - t0, inv, pixels.cpu())

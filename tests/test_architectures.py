@@ -143,3 +143,23 @@ def test_every_editing_method_on_the_sd15_architecture():
     assert counts["cross"] == {"CrossMapEdit": 16}
     assert counts["masactrl"] == {"InjectKV": 6}
     assert counts["none"] == {}
+
+
+def test_default_edit_layers_follow_the_reference_rules():
+    """FPE: every self-attention level but the finest attention level (SD 1.5: the official 32*32 rule);
+    on SDXL, which has no attention at its full latent grid, that leaves the 32x32 level, not all 70 layers."""
+    from attnlens import default_layers
+
+    sd15 = meta_unet(SD15)
+    official = [i.name for i in layers(sd15) if i.kind == "self" and i.resolution[0] * i.resolution[1] <= 32 * 32]
+    assert default_layers(sd15, "fpe") == official and len(official) == 11
+    assert len(default_layers(sd15, "masactrl")) == 6 and all(n.startswith("up.") for n in default_layers(sd15, "masactrl"))
+    assert [n for n in default_layers(sd15, "p2p") if n.endswith(".self")] == [
+        i.name for i in layers(sd15) if i.kind == "self" and i.resolution[0] <= 16]
+    sdxl = meta_unet(SDXL)
+    xl = default_layers(sdxl, "fpe")
+    assert len(xl) == 60 and {i.resolution[0] for i in layers(sdxl) if i.name in xl} == {32}
+    assert default_layers(sdxl, "fpe", max_resolution=64) == [i.name for i in layers(sdxl) if i.kind == "self"]
+    assert default_layers(sd15, "none") == []
+    with pytest.raises(AttnlensError, match="unknown option"):
+        default_layers(sd15, "fpe", max_res=3)
