@@ -215,3 +215,22 @@ def test_null_text_inversion(pipe):
     assert inv.null_embeddings.shape[:2] == (3, 77)
     r = edit_image(pipe, img, "a red square", "a blue square", inversion=inv, num_inference_steps=3)
     assert r.settings["inversion"] == "null-text"
+
+
+def test_every_method_and_the_real_image_path_on_the_shapes_model():
+    """The shipped Shapes model (a real SD pipeline): every method keeps the source, real images invert and edit."""
+    from attnlens import load_pipeline
+    from attnlens.shapes import Scene, render
+
+    pipe = load_pipeline(device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    z = start_noise(pipe, 0)
+    src = "a large red star on the left on a black background"
+    alone = plain(pipe, src, z, steps=3)
+    for method in sorted(attnlens.METHODS):
+        r = edit(pipe, src, src.replace("red", "blue"), method=method, latents=z, num_inference_steps=3)
+        assert r.edited.size == (64, 64)
+        assert torch.allclose(r.pixels[:1], alone, atol=1e-4), method
+    image, _ = render(Scene("star", "red", "large", "left", "black"))
+    r = edit_image(pipe, image, "a large blue star on the left on a black background", num_inference_steps=3)
+    assert r.edited.size == (64, 64) and r.inversion.latents.shape == (4, 4, 16, 16)
