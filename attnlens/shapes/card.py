@@ -304,7 +304,7 @@ def render_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_p
         L.append(f"   Oracle round trip of 256 held-out renders at step {ev['step']}: all attributes kept on "
                  f"{_pct(ev['round_trip'].get('all'))}.")
     L += [
-        f"2. **Text encoder + UNet** ({training.get('unet_step')} steps, batch {cfg.get('batch')}, AdamW lr "
+        f"2. **Text encoder + UNet** ({_unet_steps(training)}, batch {cfg.get('batch')}, AdamW lr "
         f"{cfg.get('lr')} with {cfg.get('warmup')} warm-up steps and cosine decay, classifier-free-guidance dropout "
         f"{cfg.get('cfg_dropout')}, min-SNR-gamma {cfg.get('min_snr_gamma')} loss weighting, EMA decay "
         f"{cfg.get('ema_decay')}; {'EMA' if training.get('ema') else 'raw'} weights exported): the standard "
@@ -345,7 +345,10 @@ def render_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_p
         "",
         "```bash",
         f"python -m attnlens.shapes.train vae  --workdir runs/shapes --steps {vae.get('step', 'N')} --seed {seed}",
-        f"python -m attnlens.shapes.train unet --workdir runs/shapes --steps {training.get('unet_step')} --seed {seed}",
+        f"python -m attnlens.shapes.train unet --workdir runs/shapes --steps "
+        f"{training.get('unet_total_steps') or training.get('unet_step')} --seed {seed}"
+        + (f"   # this export is its checkpoint at step {training.get('unet_step')}"
+           if _intermediate(training) else ""),
         f"python -m attnlens.shapes.train export --workdir runs/shapes --out {out}",
         f"python benchmarks/shapes_quality.py{'' if out == 'attnlens/models/shapes' else ' --model ' + out}"
         + (f" --guidance {guidance}" if guidance not in (None, 7.5) else ""),
@@ -358,6 +361,18 @@ def render_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_p
         "",
     ]
     return "\n".join(L)
+
+
+def _intermediate(training: dict) -> bool:
+    total = training.get("unet_total_steps")
+    return bool(total) and training.get("unet_step", 0) < total
+
+
+def _unet_steps(training: dict) -> str:
+    if _intermediate(training):
+        return (f"**an intermediate export**: step {training.get('unet_step')} of a {training.get('unet_total_steps')}-step "
+                "schedule, whose learning rate had not yet decayed; training continues and a later export replaces it")
+    return f"{training.get('unet_step')} steps"
 
 
 def write_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_path: str | Path = ORACLE_RESULTS) -> Path:

@@ -344,7 +344,8 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
                                     "s": time.time() - t0}) + "\n")
         if done % save_every == 0 or done == steps:
             save_checkpoint(ckpt, modules, {"opt": opt},
-                            {"step": done, "config": asdict(cfg), "seed": seed, "scaling_factor": scale})
+                            {"step": done, "total_steps": steps, "config": asdict(cfg), "seed": seed,
+                             "scaling_factor": scale})
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -390,7 +391,8 @@ def export(workdir: Path, out: Path, use_ema: bool = True) -> Path:
 
     vae_meta = json.loads((workdir / "vae.safetensors.json").read_text())["meta"]
     record = {
-        "unet_step": meta["step"], "config": meta["config"], "seed": meta["seed"], "ema": use_ema,
+        "unet_step": meta["step"], "unet_total_steps": meta.get("total_steps"), "config": meta["config"],
+        "seed": meta["seed"], "ema": use_ema,
         "scaling_factor": meta["scaling_factor"],
         "vae": {"step": vae_meta["step"], "config": vae_meta["config"], "seed": vae_meta["seed"]},
         # the logs stay in the workdir (not shipped): their summary travels with the model for its card
