@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ._cache import AttentionCache
 from ._capture import capture as _capture
 from ._control import Controller, CopyMap, CrossMapEdit, InjectKV, InjectQK, control
 from ._errors import AttnlensError, choices
@@ -195,22 +196,10 @@ def _alignment(pipe: Any, source: str, target: str, mode: str) -> tuple[torch.Te
 
 
 def _word_tokens(pipe: Any, prompt: str, word: str) -> list[int]:
-    ids = _ids(pipe, prompt)
-    toks = pipe.tokenizer.convert_ids_to_tokens(ids)
-    end = _content(ids, pipe.tokenizer.eos_token_id)
-    words, cur, pos = [], "", []
-    for i in range(1, end):
-        cur += toks[i].replace("</w>", "")
-        pos.append(i)
-        if toks[i].endswith("</w>"):
-            words.append((cur, pos))
-            cur, pos = "", []
-    want = word.lower().split()
-    have = [w for w, _ in words]
-    for i in range(len(have) - len(want) + 1):
-        if have[i : i + len(want)] == want:
-            return [p for _, ps in words[i : i + len(want)] for p in ps]
-    raise AttnlensError(f"{word!r} is not a word of the prompt {prompt!r}; its words: {have}")
+    """Token positions of a word or phrase of ``prompt`` (the cache's own lookup, with its error listing the words)."""
+    cache = AttentionCache({})
+    cache.tokens = [pipe.tokenizer.convert_ids_to_tokens(_ids(pipe, prompt))]
+    return cache.token_indices(word, 0)
 
 
 # ------------------------------------------------------------------------------------------ result
