@@ -134,18 +134,28 @@ def _pairs(site: Site, branch: str) -> list[tuple[int, int]]:
     return [(site.row(0, b), site.row(t, b)) for b in site.branches(branch) for t in range(1, site.n_prompts)]
 
 
-class InjectQK(Controller):
-    """Free-Prompt Editing, fused: target queries and keys := the source's, so the target's output is
-    ``softmax(Q_src K_src^T / sqrt(d)) V_tgt`` without materialising the map."""
+class _InjectRows(Controller):
+    """Target rows of two of q, k, v (``parts``) := the source's; attention stays fused."""
+
+    parts: tuple[int, int]  # indices into (q, k, v)
 
     def rewrite(self, site, q, k, v):
         pairs = _pairs(site, self.selector.branch)
         if not pairs:
             return q, k, v
-        q, k = q.clone(), k.clone()
-        for s, t in pairs:
-            q[t], k[t] = q[s], k[s]
-        return q, k, v
+        qkv = [q, k, v]
+        for i in self.parts:
+            qkv[i] = qkv[i].clone()
+            for s, t in pairs:
+                qkv[i][t] = qkv[i][s]
+        return tuple(qkv)
+
+
+class InjectQK(_InjectRows):
+    """Free-Prompt Editing, fused: target queries and keys := the source's, so the target's output is
+    ``softmax(Q_src K_src^T / sqrt(d)) V_tgt`` without materialising the map."""
+
+    parts = (0, 1)
 
 
 class CopyMap(Controller):
@@ -165,17 +175,10 @@ class CopyMap(Controller):
         return fn
 
 
-class InjectKV(Controller):
+class InjectKV(_InjectRows):
     """MasaCtrl's mutual self-attention: target queries attend to the source's keys and values."""
 
-    def rewrite(self, site, q, k, v):
-        pairs = _pairs(site, self.selector.branch)
-        if not pairs:
-            return q, k, v
-        k, v = k.clone(), v.clone()
-        for s, t in pairs:
-            k[t], v[t] = k[s], v[s]
-        return q, k, v
+    parts = (1, 2)
 
 
 class CrossMapEdit(Controller):
