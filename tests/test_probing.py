@@ -228,6 +228,33 @@ def test_grouped_cv_never_shares_a_group_between_train_and_test(group_by):
         assert sorted(tested) == list(range(len(f)))
 
 
+def test_batched_logreg_agrees_with_scikit_learn():
+    """The default probe is solved in torch for all folds at once; it must be scikit-learn's estimator."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from attnlens._probing import _logreg_accuracies
+
+    rng = np.random.default_rng(3)
+    n, d = 240, 20
+    y = rng.integers(0, 4, n)
+    X = rng.normal(size=(n, d)) * rng.uniform(0.1, 50, d)  # unequal scales: standardising matters
+    X[:, :4] += 3.0 * np.eye(4)[y] * X[:, :4].std(0)
+    X[:, 7] = 2.0  # a constant column
+    y[:3] = 3  # class 3 appears in few rows, so some folds train without it ...
+    splits = [(np.arange(60, n), np.arange(60)), (np.arange(0, 180), np.arange(180, n)),
+              (np.flatnonzero(y != 3), np.flatnonzero(y == 3))]  # ... and one fold never sees it
+    labels = [y, rng.permutation(y)]
+    fast = _logreg_accuracies(X, labels, splits, max_iter=1000, tol=1e-8)
+    for j, yy in enumerate(labels):
+        for f, (tr, te) in enumerate(splits):
+            est = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, tol=1e-10)).fit(X[tr], yy[tr])
+            pred = est.predict(X[te])
+            assert abs(fast[j, f] - np.mean(pred == yy[te])) <= 1 / len(te) + 1e-9, (j, f)
+    assert fast[0, 0] > 0.6 and fast[0, 2] == 0.0  # the signal is found; an unseen class is never predicted
+
+
 def test_planted_signal_is_found_and_the_shuffled_control_is_at_chance():
     f = planted()
     df = probe(f, "colour", cv=4).set_index("site")
