@@ -20,8 +20,9 @@ each attribute balanced over the prompts, in random combinations; 480 prompts x 
 every generated image, so the table also says how often the model drew what was asked.
 
 Writes benchmarks/results/probing_study.csv (one row per feature, site and attribute),
-probing_study_summary.csv (the verdict table) and probing_study.html (plotly heat maps; _quick files
-with --quick), and prints the verdict table.
+probing_study_summary.csv (the verdict table) and probing_study.json (settings, timings, verdicts; _quick
+files with --quick), and prints the verdict table. The heat maps are drawn from the CSV by the book's
+probing chapter (a standalone plotly HTML would load plotly.js from a CDN, which the offline book avoids).
 
     python benchmarks/probing_study.py                              # the embedded model
     python benchmarks/probing_study.py --model runs/draft-shapes --quick
@@ -188,10 +189,6 @@ def main() -> None:
     results.mkdir(parents=True, exist_ok=True)
     df.to_csv(results / f"{stem}.csv", index=False)
     summary.to_csv(results / f"{stem}_summary.csv", index=False, float_format="%.4f")
-    fig = attnlens.probe_heatmap(df)
-    fig.update_layout(title=f"probe accuracy by layer and step ({args.model or 'embedded Shapes model'}, "
-                            f"{len(y)} generations)")
-    fig.write_html(results / f"{stem}.html", include_plotlyjs="cdn")
     meta = {"model": str(args.model or os.environ.get("ATTNLENS_MODEL") or "embedded Shapes model"),
             "generations": len(y), "prompts": args.prompts, "scene_seed": SCENE_SEED, "seeds": args.seeds, "steps": args.steps,
             "probe_steps": args.probe_steps, "cv": args.cv, "probe": args.model_kind,
@@ -210,7 +207,7 @@ def main() -> None:
     print("\nthe paper's statements:")
     for claim, v, evidence in meta["claims"]:
         print(f"  [{v}] {claim}\n      {evidence}")
-    print(f"\nwrote {results / stem}.csv, {stem}_summary.csv, {stem}.json, {stem}.html")
+    print(f"\nwrote {results / stem}.csv, {stem}_summary.csv, {stem}.json")
 
 
 if __name__ == "__main__":
