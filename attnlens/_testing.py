@@ -50,3 +50,32 @@ def tiny_pipeline(seed: int = 0, cross_attention_dim: int = 32):
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def captured_with_inputs(pipe, layer: str, run, **capture_kwargs):
+    """Capture ``layer`` during ``run(pipe)`` and record the layer's inputs at its last call.
+
+    Returns ``(cache, expected)``: the :class:`~attnlens.AttentionCache` and the conditional half of
+    ``softmax(Q K^T / sqrt(d))`` recomputed in fp32 from the inputs of the layer's last call (the last
+    step) with the module's own projections, ``(batch/2, heads, queries, keys)`` on the CPU. Tests use it to
+    check that captured maps are the attention the layer computed.
+    """
+    import attnlens
+
+    info = next(i for i in attnlens.layers(pipe) if i.name == layer)
+    seen = []
+    handle = info.module.register_forward_hook(lambda m, a, kw, out: seen.append((a, kw)), with_kwargs=True)
+    try:
+        with attnlens.capture(pipe, layers=layer, **capture_kwargs) as cache:
+            run(pipe)
+    finally:
+        handle.remove()
+    args, kwargs = seen[-1]
+    hidden = args[0]
+    context = kwargs.get("encoder_hidden_states")
+    context = hidden if context is None else context
+    attn, b = info.module, hidden.shape[0]
+    with torch.no_grad():
+        q = attn.to_q(hidden).view(b, -1, attn.heads, info.head_dim).transpose(1, 2).float()
+        k = attn.to_k(context).view(b, -1, attn.heads, info.head_dim).transpose(1, 2).float()
+    return cache, torch.softmax(q @ k.transpose(-1, -2) / info.head_dim**0.5, dim=-1)[b // 2:].cpu()

@@ -4,7 +4,7 @@ import torch
 
 import attnlens
 from attnlens import AttnlensError, Selector, capture, layers
-from attnlens._testing import tiny_pipeline
+from attnlens._testing import captured_with_inputs, tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -30,25 +30,21 @@ def test_capture_does_not_change_the_image(pipe):
 
 
 def test_maps_equal_softmax_qk_recomputed_from_the_layer_inputs(pipe):
-    info = next(i for i in layers(pipe) if i.name == "down.0.0.cross")
-    seen = []
-    handle = info.module.register_forward_hook(lambda m, a, kw, out: seen.append((a, kw)), with_kwargs=True)
-    try:
-        with capture(pipe, layers="down.0.0.cross", heads="all", dtype=torch.float32) as cache:
-            run(pipe, steps=2)
-    finally:
-        handle.remove()
-    args, kwargs = seen[-1]  # the last call is the last step
-    hidden, context = args[0], kwargs["encoder_hidden_states"]
-    attn = info.module
-    b = hidden.shape[0]
-    q = attn.to_q(hidden).view(b, -1, attn.heads, info.head_dim).transpose(1, 2)
-    k = attn.to_k(context).view(b, -1, attn.heads, info.head_dim).transpose(1, 2)
-    expected = torch.softmax(q @ k.transpose(-1, -2) / info.head_dim**0.5, dim=-1)[b // 2:]  # conditional half
+    cache, expected = captured_with_inputs(pipe, "down.0.0.cross", lambda p: run(p, steps=2), heads="all",
+                                           dtype=torch.float32)
+    attn = next(i for i in layers(pipe) if i.name == "down.0.0.cross").module
     got = cache["down.0.0.cross", 1]
     assert got.shape == (1, attn.heads, 8, 8, 77)
     torch.testing.assert_close(got.reshape(expected.shape), expected, atol=1e-4, rtol=0)
     torch.testing.assert_close(got.sum(-1), torch.ones_like(got.sum(-1)), atol=1e-4, rtol=0)
+
+
+def test_self_attention_maps_equal_softmax_qk_recomputed_from_the_layer_inputs(pipe):
+    cache, expected = captured_with_inputs(pipe, "down.0.0.self", lambda p: run(p, steps=2), kind="self",
+                                           heads="all", dtype=torch.float32)
+    got = cache["down.0.0.self", 1]
+    assert got.shape[-1] == 64 and got.shape[2:4] == (8, 8)  # every query of the 8x8 grid over 64 keys
+    torch.testing.assert_close(got.reshape(expected.shape), expected, atol=1e-4, rtol=0)
 
 
 def test_processors_are_restored_after_exit_and_after_an_exception(pipe):

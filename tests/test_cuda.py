@@ -12,7 +12,7 @@ import torch
 import attnlens
 from attnlens import capture, layers
 from attnlens._pipeline import EMBEDDED_MODEL
-from attnlens._testing import tiny_pipeline
+from attnlens._testing import captured_with_inputs, tiny_pipeline
 
 DEVICE = "cuda"
 pytestmark = [pytest.mark.cuda,
@@ -40,22 +40,9 @@ def test_fp16_capture_does_not_change_the_image(pipe):
 
 
 def test_fp16_maps_equal_softmax_recomputed_from_the_layer_inputs(pipe):
-    info = next(i for i in layers(pipe) if i.name == "down.0.0.cross")
-    seen = []
-    handle = info.module.register_forward_hook(lambda m, a, kw, out: seen.append((a, kw)), with_kwargs=True)
-    try:
-        with capture(pipe, layers="down.0.0.cross", heads="all", dtype=torch.float32) as cache:
-            run(pipe, steps=2)
-    finally:
-        handle.remove()
-    args, kwargs = seen[-1]
-    hidden, context = args[0], kwargs["encoder_hidden_states"]
-    attn = info.module
-    b = hidden.shape[0]
-    with torch.no_grad():
-        q = attn.to_q(hidden).view(b, -1, attn.heads, info.head_dim).transpose(1, 2).float()
-        k = attn.to_k(context).view(b, -1, attn.heads, info.head_dim).transpose(1, 2).float()
-    expected = torch.softmax(q @ k.transpose(-1, -2) / info.head_dim**0.5, dim=-1)[b // 2:].cpu()
+    cache, expected = captured_with_inputs(pipe, "down.0.0.cross", lambda p: run(p, steps=2), heads="all",
+                                           dtype=torch.float32)
+    attn = next(i for i in layers(pipe) if i.name == "down.0.0.cross").module
     got = cache["down.0.0.cross", 1]
     assert got.device.type == "cpu" and got.dtype == torch.float32
     assert got.shape == (1, attn.heads, 8, 8, 77)
