@@ -21,9 +21,15 @@ def test_training_runs_resumes_and_exports(tmp_path):
     train.main(["vae", "--tiny", "--workdir", str(work), "--steps", "2", "--save-every", "1", "--eval-every", "1000"])
     train.main(["unet", "--tiny", "--workdir", str(work), "--steps", "2", "--save-every", "1"])
     first = json.loads((work / "unet.safetensors.json").read_text())["meta"]["step"]
-    train.main(["unet", "--tiny", "--workdir", str(work), "--steps", "3", "--save-every", "1"])
+    train.main(["unet", "--tiny", "--workdir", str(work), "--steps", "3", "--save-every", "1", "--snr-floor", "0.05"])
     assert first == 2
-    assert json.loads((work / "unet.safetensors.json").read_text())["meta"]["step"] == 3
+    meta = json.loads((work / "unet.safetensors.json").read_text())["meta"]
+    assert meta["step"] == 3 and meta["config"]["snr_floor"] == 0.05
+    # the change of recipe on resuming is on record, and a later resume keeps the new weighting
+    assert meta["recipe_changes"] == [{"step": 2, "changed": {"snr_floor": [0.0, 0.05], "total_steps": [2, 3]}}]
+    train.main(["unet", "--tiny", "--workdir", str(work), "--steps", "4", "--save-every", "1"])
+    meta = json.loads((work / "unet.safetensors.json").read_text())["meta"]
+    assert meta["config"]["snr_floor"] == 0.05 and len(meta["recipe_changes"]) == 2
     out = train.export(work, tmp_path / "pipe")
     from diffusers import StableDiffusionPipeline
 

@@ -27,7 +27,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +67,10 @@ class UNetConfig:
     warmup: int = 500
     cfg_dropout: float = 0.1
     min_snr_gamma: float = 5.0
+    # adds ``snr_floor / snr`` to the epsilon loss weight: in x0 terms the weight becomes
+    # min(snr, gamma) + snr_floor instead of min(snr, gamma), so the noisiest steps, where the layout is
+    # decided and only the prompt can say where the object goes, are not weighted down to nothing
+    snr_floor: float = 0.0
     ema_decay: float = 0.999
 
 
@@ -302,10 +306,18 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
     snr = alphas / (1 - alphas)
     ckpt = workdir / "unet.safetensors"
     modules = {"text": text, "unet": unet, "ema_text": ema_text, "ema_unet": ema_unet}
-    start, scale = 0, None
+    start, scale, changes = 0, None, []
     if ckpt.exists():
         meta = load_checkpoint(ckpt, modules, {"opt": opt})
         start, scale = meta["step"], meta["scaling_factor"]
+        changes = list(meta.get("recipe_changes", []))
+        old = {**asdict(UNetConfig()), "snr_floor": 0.0, **meta["config"]}  # keys older checkpoints lack
+        diff = {k: [old[k], v] for k, v in asdict(cfg).items() if old.get(k) != (list(v) if isinstance(v, tuple) else v)}
+        if meta.get("total_steps") not in (None, steps):  # a longer or shorter schedule: the LR curve changes
+            diff["total_steps"] = [meta["total_steps"], steps]
+        if diff:  # the recipe changed on resuming: the card reports it
+            changes.append({"step": start, "changed": diff})
+            print(f"recipe change at step {start}: {diff}", file=sys.stderr)
         sched.last_epoch = start - 1
         sched.step()
         print(f"resumed UNet at step {start}", file=sys.stderr)
@@ -327,7 +339,8 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
         zt = noise_sched.add_noise(z0, noise, t)
         cond = text(ids).last_hidden_state
         pred = unet(zt, t, encoder_hidden_states=cond).sample
-        weight = torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t]  # min-SNR-gamma, epsilon objective
+        # min-SNR-gamma on the epsilon objective, plus the optional floor (see UNetConfig.snr_floor)
+        weight = (torch.clamp(snr[t], max=cfg.min_snr_gamma) + cfg.snr_floor) / snr[t]
         loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -345,7 +358,7 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
         if done % save_every == 0 or done == steps:
             save_checkpoint(ckpt, modules, {"opt": opt},
                             {"step": done, "total_steps": steps, "config": asdict(cfg), "seed": seed,
-                             "scaling_factor": scale})
+                             "scaling_factor": scale, "recipe_changes": changes})
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -418,6 +431,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     parser.add_argument("--tiny", action="store_true", help="tiny configs, for tests")
+    parser.add_argument("--snr-floor", type=float, default=None,
+                        help="unet: x0-weight floor added to min-SNR weighting (UNetConfig.snr_floor; default: the "
+                        "checkpoint's value, or 0 for a new run)")
     parser.add_argument("--out", type=Path, help="export, card: the diffusers folder to write")
     parser.add_argument("--results", type=Path, default=None,
                         help="card: the quality bar's results (default benchmarks/results/shapes_quality.json)")
@@ -429,7 +445,12 @@ def main(argv: list[str] | None = None) -> None:
         train_vae(args.workdir, args.steps, TINY_VAE if args.tiny else VAEConfig(), args.seed,
                   args.save_every, args.eval_every)
     elif args.stage == "unet":
-        train_unet(args.workdir, args.steps, TINY_UNET if args.tiny else UNetConfig(), args.seed, args.save_every)
+        cfg = TINY_UNET if args.tiny else UNetConfig()
+        meta_file = args.workdir / "unet.safetensors.json"
+        floor = args.snr_floor
+        if floor is None and meta_file.exists():  # a resumed run keeps its weighting unless told otherwise
+            floor = json.loads(meta_file.read_text())["meta"]["config"].get("snr_floor", 0.0)
+        train_unet(args.workdir, args.steps, replace(cfg, snr_floor=floor or 0.0), args.seed, args.save_every)
     elif args.stage == "card":
         from .card import RESULTS, write_card
 
