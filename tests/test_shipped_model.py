@@ -163,6 +163,8 @@ def test_card_copies_recorded_figures_and_only_for_these_weights(copy, tmp_path)
     assert summary["last_loss_mean_of_10"] == pytest.approx(0.5)
     record = json.loads((copy / "training.json").read_text())
     record["logs"] = {"unet": summary}
+    record["recipe_changes"] = [{"step": 2650, "changed": {"total_steps": [6000, 10000]}},
+                                {"step": 3100, "changed": {"snr_floor": [0.0, 0.1]}}]
     (copy / "training.json").write_text(json.dumps(record))
 
     acc = {k: {"n": 30, "accuracy": 0.9123, "target": 0.9, "pass": True} for k in ("shape", "position")}
@@ -190,6 +192,7 @@ def test_card_copies_recorded_figures_and_only_for_these_weights(copy, tmp_path)
     assert "Target not met: prompted colour accuracy (87.7% < 95.0%)" in card
     assert "Target not met: size collapses to large" in card
     assert "2 run(s)" in card and "0.800 at the first logged step" in card
+    assert "step 2650: total_steps 6000 -> 10000; step 3100: snr_floor 0.0 -> 0.1" in card
     sizes = sum(f.stat().st_size for f in copy.rglob("*") if f.is_file())
     assert f"{sizes:,} bytes" in card
 

@@ -306,12 +306,20 @@ def render_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_p
     L += [
         f"2. **Text encoder + UNet** ({_unet_steps(training)}, batch {cfg.get('batch')}, AdamW lr "
         f"{cfg.get('lr')} with {cfg.get('warmup')} warm-up steps and cosine decay, classifier-free-guidance dropout "
-        f"{cfg.get('cfg_dropout')}, min-SNR-gamma {cfg.get('min_snr_gamma')} loss weighting, EMA decay "
+        f"{cfg.get('cfg_dropout')}, min-SNR-gamma {cfg.get('min_snr_gamma')} loss weighting"
+        + (f" with an x0-weight floor of {cfg['snr_floor']}" if cfg.get("snr_floor") else "") + ", EMA decay "
         f"{cfg.get('ema_decay')}; {'EMA' if training.get('ema') else 'raw'} weights exported): the standard "
         "epsilon-prediction denoising loss only. Nothing supervises attention."
         + (f" Wall-clock {_hours(ulog['wall_seconds'])} over {ulog['runs']} run(s); loss {ulog['first_loss']:.3f} "
            f"at the first logged step, {ulog['last_loss_mean_of_10']:.3f} at the end (mean of the last 10 logged)."
            if ulog else " Training log not recorded at export."),
+    ]
+    changes = training.get("recipe_changes") or []
+    if changes:
+        L.append("   The recipe changed during training (each change took effect when a run resumed at that step): "
+                 + "; ".join(f"step {c['step']}: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in c["changed"].items())
+                             for c in changes) + ".")
+    L += [
         "",
         "## Measured quality",
         "",

@@ -405,7 +405,7 @@ def export(workdir: Path, out: Path, use_ema: bool = True) -> Path:
     vae_meta = json.loads((workdir / "vae.safetensors.json").read_text())["meta"]
     record = {
         "unet_step": meta["step"], "unet_total_steps": meta.get("total_steps"), "config": meta["config"],
-        "seed": meta["seed"], "ema": use_ema,
+        "seed": meta["seed"], "ema": use_ema, "recipe_changes": meta.get("recipe_changes", []),
         "scaling_factor": meta["scaling_factor"],
         "vae": {"step": vae_meta["step"], "config": vae_meta["config"], "seed": vae_meta["seed"]},
         # the logs stay in the workdir (not shipped): their summary travels with the model for its card
