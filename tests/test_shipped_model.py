@@ -203,3 +203,21 @@ def test_card_copies_recorded_figures_and_only_for_these_weights(copy, tmp_path)
     path.write_text(json.dumps(results))
     assert "Only a `--quick` development run" in render_card(copy, path)
     assert "Not measured yet" in render_card(copy, tmp_path / "absent.json")
+
+
+def test_card_shows_the_conditioning_gaps_only_for_these_weights(copy, tmp_path):
+    _as_export(copy)
+    gap = {"gap": 0.123, "ci_low": 0.1, "ci_high": 0.146, "mse_right": 0.5}
+    zero = {"gap": 0.0004, "ci_low": -0.002, "ci_high": 0.003, "mse_right": 0.5}
+    cond = {"command": "python benchmarks/shapes_conditioning.py", "model_fingerprint": fingerprint(copy),
+            "n_per_attribute": 64, "timesteps": [900, 600],
+            "attributes": {"colour": {"timesteps": {"900": gap, "600": gap}},
+                           "position": {"timesteps": {"900": zero, "600": zero}}}}
+    path = tmp_path / "cond.json"
+    path.write_text(json.dumps(cond))
+    card = render_card(copy, tmp_path / "absent.json", conditioning_path=path)
+    assert "| colour | +12.3% (+10.0% to +14.6%) | +12.3% (+10.0% to +14.6%) |" in card
+    assert "| position | +0.0% (-0.2% to +0.3%) |" in card
+    cond["model_fingerprint"] = "0" * 64
+    path.write_text(json.dumps(cond))
+    assert "Does the model use each word?" not in render_card(copy, tmp_path / "absent.json", conditioning_path=path)

@@ -24,6 +24,7 @@ from ._world import ATTRIBUTES, IMAGE_SIZE, MENTION_PROBABILITY
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results" / "shapes_quality.json"
 ORACLE_RESULTS = REPO / "benchmarks" / "results" / "oracle_accuracy.json"
+CONDITIONING = REPO / "benchmarks" / "results" / "shapes_conditioning.json"
 TOKENIZER_LICENSE = Path(__file__).resolve().parents[1] / "tokenizer" / "LICENSE"
 
 
@@ -191,7 +192,31 @@ def _quality_section(results: dict | None, folder: Path, results_path: Path) -> 
     return lines, failed
 
 
-def render_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_path: str | Path = ORACLE_RESULTS) -> str:
+def _conditioning_section(cond: dict | None, folder: Path) -> list[str]:
+    """Which attribute words the model uses: the denoising-loss gap of benchmarks/shapes_conditioning.py."""
+    if cond is None or cond.get("model_fingerprint") != fingerprint(folder):
+        return []
+    steps = [str(t) for t in cond["timesteps"]]
+    lines = [
+        "",
+        "### Does the model use each word?",
+        "",
+        f"The relative rise of the denoising error when the prompt names a wrong value of the attribute instead of the "
+        f"right one (`{cond['command']}`, {cond['n_per_attribute']} rendered scenes per attribute, 95% interval over "
+        "scenes). A gap of zero means the model ignores the word at that noise level.",
+        "",
+        "| attribute | " + " | ".join(f"t={t}" for t in steps) + " |",
+        "| --- |" + " --- |" * len(steps),
+    ]
+    for a, r in cond["attributes"].items():
+        cells = [r["timesteps"][t] for t in steps]
+        lines.append(f"| {a} | " + " | ".join(f"{c['gap']:+.1%} ({c['ci_low']:+.1%} to {c['ci_high']:+.1%})"
+                                                for c in cells) + " |")
+    return lines
+
+
+def render_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_path: str | Path = ORACLE_RESULTS,
+                conditioning_path: str | Path = CONDITIONING) -> str:
     """The card's Markdown text for the exported model in ``folder``."""
     folder, results_path = Path(folder), Path(results_path)
     training = _read_json(folder / "training.json")
@@ -324,6 +349,7 @@ def render_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_p
         "## Measured quality",
         "",
         *quality,
+        *_conditioning_section(_read_json(Path(conditioning_path)), folder),
     ]
     if oracle:
         acc = oracle["conditions"]["clean"]["accuracy"]
