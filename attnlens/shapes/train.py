@@ -289,7 +289,10 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
             e.lerp_(p, 1.0 - decay)
 
 
-def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every: int) -> None:
+def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every: int,
+               snr_floor: float | None = None) -> None:
+    """Train (or resume) the text encoder and UNet; ``snr_floor=None`` keeps the checkpoint's floor
+    (``cfg.snr_floor`` for a new run), a number overrides it and is recorded as a recipe change."""
     from .._tokenizer import load_tokenizer
 
     torch.manual_seed(seed)
@@ -311,7 +314,8 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
         meta = load_checkpoint(ckpt, modules, {"opt": opt})
         start, scale = meta["step"], meta["scaling_factor"]
         changes = list(meta.get("recipe_changes", []))
-        old = {**asdict(UNetConfig()), "snr_floor": 0.0, **meta["config"]}  # keys older checkpoints lack
+        old = {**asdict(UNetConfig()), **meta["config"]}  # defaults fill keys older checkpoints lack
+        cfg = replace(cfg, snr_floor=old["snr_floor"] if snr_floor is None else snr_floor)
         diff = {k: [old[k], v] for k, v in asdict(cfg).items() if old.get(k) != (list(v) if isinstance(v, tuple) else v)}
         if meta.get("total_steps") not in (None, steps):  # a longer or shorter schedule: the LR curve changes
             diff["total_steps"] = [meta["total_steps"], steps]
@@ -321,6 +325,8 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
         sched.last_epoch = start - 1
         sched.step()
         print(f"resumed UNet at step {start}", file=sys.stderr)
+    elif snr_floor is not None:
+        cfg = replace(cfg, snr_floor=snr_floor)
     if scale is None:
         scale = latent_scale(vae)
     ds = ShapesDataset(10**9, seed=seed + 1)
@@ -445,12 +451,8 @@ def main(argv: list[str] | None = None) -> None:
         train_vae(args.workdir, args.steps, TINY_VAE if args.tiny else VAEConfig(), args.seed,
                   args.save_every, args.eval_every)
     elif args.stage == "unet":
-        cfg = TINY_UNET if args.tiny else UNetConfig()
-        meta_file = args.workdir / "unet.safetensors.json"
-        floor = args.snr_floor
-        if floor is None and meta_file.exists():  # a resumed run keeps its weighting unless told otherwise
-            floor = json.loads(meta_file.read_text())["meta"]["config"].get("snr_floor", 0.0)
-        train_unet(args.workdir, args.steps, replace(cfg, snr_floor=floor or 0.0), args.seed, args.save_every)
+        train_unet(args.workdir, args.steps, TINY_UNET if args.tiny else UNetConfig(), args.seed, args.save_every,
+                   snr_floor=args.snr_floor)
     elif args.stage == "card":
         from .card import RESULTS, write_card
 
