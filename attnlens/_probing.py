@@ -155,13 +155,12 @@ def _logreg_accuracies(X: np.ndarray, labels: Sequence[np.ndarray],
     codes = [np.searchsorted(classes, np.asarray(y).astype(str)) for y in labels]
     Xt = torch.as_tensor(np.asarray(X, dtype=np.float64))
     train = torch.zeros(P, n, dtype=torch.float64)
-    Y = torch.zeros(P, n, dtype=torch.long)
+    Y = torch.as_tensor(np.repeat(np.stack(codes), len(splits), axis=0), dtype=torch.long)  # (P, n)
     present = torch.zeros(P, K, dtype=torch.bool)
     for j, code in enumerate(codes):
         for f, (tr, _) in enumerate(splits):
             p = j * len(splits) + f
             train[p, tr] = 1.0
-            Y[p] = torch.as_tensor(code)
             present[p, np.unique(code[tr])] = True
     counts = train.sum(1, keepdim=True)  # (P, 1)
     mean = (train @ Xt) / counts  # (P, d): each problem standardises on its own training rows
