@@ -133,8 +133,9 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, chunk_elemen
     b, h, n, _ = q.shape
     step = max(1, chunk_elements // max(1, b * h * k.shape[2]))
     kt = k.float().transpose(-1, -2)
+    qs = q.float() * scale  # scaling q (dim wide) is cheaper than scaling the scores (keys wide)
     for start in range(0, n, step):
-        scores = q[:, :, start : start + step].float() @ kt * scale
+        scores = qs[:, :, start : start + step] @ kt
         if mask is not None:
             m = mask[..., start : start + step, :] if mask.shape[-2] > 1 else mask
             scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
@@ -159,6 +160,13 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
 
 
 _KNOWN = ("AttnProcessor", "AttnProcessor2_0", "HookedProcessor")
+
+
+def _as_index(rows: list[int]) -> list[int] | slice:
+    """A run of consecutive rows as a slice (indexing with it is a view, not a copy)."""
+    if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return rows
 
 
 class _Recorder:
@@ -202,7 +210,7 @@ class _Recorder:
     def on_attention(self, info: LayerInfo, q, k, v, scale: float, edits: list | tuple = ()) -> None:
         if info.name not in self.cache.layers or self.clock.step not in self.steps:
             return
-        rows = [r for r, _, _ in self.rows]
+        rows = _as_index([r for r, _, _ in self.rows])
         heads = self.sel.head_indices(info.heads)
         if not edits:  # select first, compute less; with map edits every row is needed (edits mix rows)
             q, k = q[rows], k[rows]
@@ -226,7 +234,7 @@ class _Recorder:
                 pooled = F.adaptive_avg_pool2d(probs.reshape(n * hd * c, 1, h, w), (gh, gw)) * (h * w / (gh * gw))
                 probs = pooled.reshape(n, hd, c, gh * gw)
             parts.append(probs)
-        maps = torch.cat(parts, dim=2)  # (n, heads, h*w, keys)
+        maps = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # (n, heads, h*w, keys)
         n, hd, _, keys = maps.shape
         maps = maps.reshape(n, hd, h, w, keys)
         if (gh, gw) != (h, w):

@@ -143,11 +143,13 @@ class _InjectRows(Controller):
         pairs = _pairs(site, self.selector.branch)
         if not pairs:
             return q, k, v
+        rows = list(range(q.shape[0]))
+        for s, t in pairs:
+            rows[t] = s
+        index = torch.tensor(rows, device=q.device)
         qkv = [q, k, v]
-        for i in self.parts:
-            qkv[i] = qkv[i].clone()
-            for s, t in pairs:
-                qkv[i][t] = qkv[i][s]
+        for i in self.parts:  # one gather per tensor: every row from itself, targets from their source
+            qkv[i] = qkv[i].index_select(0, index)
         return tuple(qkv)
 
 
