@@ -1,0 +1,151 @@
+"""Why does the Shapes model ignore position words? Two measurements that split the question in two.
+
+1. **Text side.** Does the text encoder tell the position words apart? For each attribute, prompts that
+   differ in one value only ("a red star on the left" / "... on the right"; "a red star" / "a blue
+   star") are encoded, and the L2 distance between their last-layer hidden states is averaged over the
+   prompt's tokens (start to end token) and over every pair of values. Colour words far apart and
+   position words close together say the encoder has (nearly) merged the position words, so the UNet
+   has nothing to tell them apart by.
+2. **Image side.** Do the UNet's cross-attention queries know where they are? The queries of every
+   cross-attention layer (``to_q`` output, read with a forward hook on a diffusers module, nothing
+   installed in attnlens) for ``--n`` noise latents and the empty prompt at a few timesteps; a ridge
+   regression from a query to its normalised (x, y) grid coordinate, fitted on three quarters of the
+   latents and scored (R^2) on the rest, on every position and on the inner half of the grid only
+   (where zero padding at the border gives no direct cue). A query that knows its position can attend
+   to a position word selectively; an R^2 near 0 says it cannot.
+
+A diagnostic for the model card and for whoever trains the next model: it does not enter the quality bar.
+
+Writes ``benchmarks/results/shapes_position_diagnosis.json``.
+
+    python benchmarks/shapes_position_diagnosis.py                  # the embedded model
+    python benchmarks/shapes_position_diagnosis.py --model DIR --out /tmp/diag.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import attnlens  # noqa: E402
+from attnlens import shapes  # noqa: E402
+from attnlens.shapes._world import POSITION_PHRASES  # noqa: E402
+
+TIMESTEPS = (999, 800, 500)
+TEMPLATES = {  # one value swapped, everything else fixed
+    "colour": lambda v: f"a {v} star on the left",
+    "shape": lambda v: f"a red {v} on the left",
+    "size": lambda v: f"a {v} red star on the left",
+    "position": lambda v: f"a red star {POSITION_PHRASES[v][0]}",
+    "background": lambda v: f"a red star on a {v} background",
+}
+
+
+def text_distances(pipe) -> dict[str, float]:
+    """Mean hidden-state distance between prompts that differ in one attribute value."""
+    out = {}
+    for attribute, template in TEMPLATES.items():
+        prompts = [template(v) for v in shapes.ATTRIBUTES[attribute]]
+        tok = pipe.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt")
+        with torch.no_grad():
+            h = pipe.text_encoder(tok.input_ids)[0]  # (values, 77, width)
+        length = int(tok.attention_mask.sum(1).max())  # start .. end token of the longest prompt
+        d = [float((h[i, :length] - h[j, :length]).norm(dim=-1).mean())
+             for i, j in itertools.combinations(range(len(prompts)), 2)]
+        out[attribute] = float(np.mean(d))
+    return out
+
+
+def query_position_r2(pipe, n: int, seed: int) -> dict[str, dict[str, dict[str, float]]]:
+    """R^2 of a ridge regression from each cross-attention layer's queries to their grid coordinates."""
+    from sklearn.linear_model import RidgeCV
+
+    unet = pipe.unet
+    modules = dict(unet.named_modules())
+    cross = [info for info in attnlens.layers(pipe) if info.kind == "cross"]
+    queries: dict[str, torch.Tensor] = {}
+    handles = [modules[info.path].to_q.register_forward_hook(
+        lambda module, args, output, name=info.name: queries.__setitem__(name, output.detach()))
+        for info in cross]
+    ids = pipe.tokenizer([""] * n, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    size = unet.config.sample_size
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    try:
+        with torch.no_grad():
+            emb = pipe.text_encoder(ids)[0]
+            latents = torch.randn(n, unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
+            for t in TIMESTEPS:
+                queries.clear()
+                unet(latents, t, encoder_hidden_states=emb)
+                for name, q in queries.items():
+                    _, hw, width = q.shape
+                    side = int(round(hw ** 0.5))
+                    yy, xx = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+                    coords = np.stack([xx.ravel(), yy.ravel()], 1) / max(1, side - 1)  # (hw, 2)
+                    inner = np.zeros((side, side), bool)
+                    inner[side // 4 : side - side // 4, side // 4 : side - side // 4] = True
+                    X, Y = q.numpy(), np.broadcast_to(coords, (n, hw, 2))
+                    split = (3 * n) // 4
+                    scores = {}
+                    for label, keep in (("all", np.ones(hw, bool)), ("inner_half", inner.ravel())):
+                        fit = RidgeCV(alphas=np.logspace(-3, 3, 7)).fit(X[:split][:, keep].reshape(-1, width),
+                                                                        Y[:split][:, keep].reshape(-1, 2))
+                        scores[label] = float(fit.score(X[split:][:, keep].reshape(-1, width),
+                                                        Y[split:][:, keep].reshape(-1, 2)))
+                    out.setdefault(name, {"grid": f"{side}x{side}"})[str(t)] = scores
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="diffusers folder (default: $ATTNLENS_MODEL or the embedded model)")
+    ap.add_argument("--n", type=int, default=32, help="noise latents (default 32)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "shapes_position_diagnosis.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    pipe = attnlens.load_pipeline(args.model, device="cpu", dtype=torch.float32)
+    t0 = time.perf_counter()
+    text = text_distances(pipe)
+    r2 = query_position_r2(pipe, args.n, args.seed)
+    record = {
+        "command": "python benchmarks/shapes_position_diagnosis.py" + (f" --model {args.model}" if args.model else ""),
+        "model": str(args.model or "embedded Shapes model"),
+        "n_latents": args.n, "seed": args.seed, "timesteps": list(TIMESTEPS),
+        "text_distance": text,
+        "text_distance_meaning": "mean L2 distance of text-encoder states between prompts differing in one value",
+        "query_position_r2": r2,
+        "query_position_r2_meaning": "held-out R^2 of ridge regression from a layer's queries to (x, y); "
+                                     "inner_half: positions away from the border only",
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=1))
+    print("text encoder: mean state distance between prompts that differ in one value")
+    for a, d in text.items():
+        print(f"  {a:<11} {d:6.2f}")
+    print("cross-attention queries -> (x, y): held-out R^2, all positions / inner half")
+    print(f"  {'layer':<16} {'grid':>5}" + "".join(f"{'t=' + str(t):>16}" for t in TIMESTEPS))
+    for name, r in r2.items():
+        print(f"  {name:<16} {r['grid']:>5}" + "".join(
+            f"{r[str(t)]['all']:>8.2f} / {r[str(t)]['inner_half']:5.2f}" for t in TIMESTEPS))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
