@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ if str(ROOT) not in sys.path:
 import attnlens  # noqa: E402
 from attnlens import shapes  # noqa: E402
 from attnlens.shapes._world import POSITION_PHRASES  # noqa: E402
+from attnlens.shapes.card import fingerprint  # noqa: E402
 
 TIMESTEPS = (999, 800, 500)
 TEMPLATES = {  # one value swapped, everything else fixed
@@ -126,6 +128,8 @@ def main() -> None:
     record = {
         "command": "python benchmarks/shapes_position_diagnosis.py" + (f" --model {args.model}" if args.model else ""),
         "model": str(args.model or "embedded Shapes model"),
+        "model_fingerprint": fingerprint(args.model or os.environ.get("ATTNLENS_MODEL")
+                                         or attnlens._pipeline.EMBEDDED_MODEL),
         "n_latents": args.n, "seed": args.seed, "timesteps": list(TIMESTEPS),
         "text_distance": text,
         "text_distance_meaning": "mean L2 distance of text-encoder states between prompts differing in one value",

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results" / "shapes_quality.json"
 ORACLE_RESULTS = REPO / "benchmarks" / "results" / "oracle_accuracy.json"
 CONDITIONING = REPO / "benchmarks" / "results" / "shapes_conditioning.json"
+POSITION_DIAGNOSIS = REPO / "benchmarks" / "results" / "shapes_position_diagnosis.json"
 TOKENIZER_LICENSE = Path(__file__).resolve().parents[1] / "tokenizer" / "LICENSE"
 
 
@@ -215,8 +216,30 @@ def _conditioning_section(cond: dict | None, folder: Path) -> list[str]:
     return lines
 
 
+def _position_section(diag: dict | None, folder: Path) -> list[str]:
+    """Where position is lost: text-encoder distances and query-position R^2 of
+    benchmarks/shapes_position_diagnosis.py, when measured on these weights."""
+    if diag is None or diag.get("model_fingerprint") != fingerprint(folder):
+        return []
+    text = diag["text_distance"]
+    r2 = diag["query_position_r2"]
+    t = str(diag["timesteps"][0])
+    best = max(r2, key=lambda name: r2[name][t]["inner_half"])
+    return [
+        "",
+        "### Where position is lost",
+        "",
+        f"`{diag['command']}`: the text encoder's states for prompts that differ in one value are, on average, this far "
+        "apart: " + ", ".join(f"{a} {d:.2f}" for a, d in text.items()) + ". The UNet's cross-attention queries do "
+        f"know where they are: at t={t}, a ridge regression from the queries of `{best}` ({r2[best]['grid']}) to their "
+        f"grid coordinates scores a held-out R^2 of {r2[best][t]['all']:.2f} ({r2[best][t]['inner_half']:.2f} away from "
+        "the border). So the position words are lost on the text side: the encoder maps them to nearly the same states "
+        "(whether as the cause or as a consequence of the UNet never using them, this measurement does not say).",
+    ]
+
+
 def render_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_path: str | Path = ORACLE_RESULTS,
-                conditioning_path: str | Path = CONDITIONING) -> str:
+                conditioning_path: str | Path = CONDITIONING, diagnosis_path: str | Path = POSITION_DIAGNOSIS) -> str:
     """The card's Markdown text for the exported model in ``folder``."""
     folder, results_path = Path(folder), Path(results_path)
     training = _read_json(folder / "training.json")
@@ -350,6 +373,7 @@ def render_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_p
         "",
         *quality,
         *_conditioning_section(_read_json(Path(conditioning_path)), folder),
+        *_position_section(_read_json(Path(diagnosis_path)), folder),
     ]
     if oracle:
         acc = oracle["conditions"]["clean"]["accuracy"]
