@@ -24,6 +24,7 @@ import base64
 import io
 import math
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
@@ -43,7 +44,7 @@ Point = tuple[float, float]
 __all__ = [
     "as_image", "attention_slider", "image_grid", "image_slider", "layer_grid", "mark", "overlay",
     "self_attention_grid", "self_attention_map", "self_attention_pca", "self_attention_slider",
-    "setup_notebook", "step_grid", "word_grid", "OFFLINE_RENDERER",
+    "results_dir", "setup_notebook", "step_grid", "word_grid", "OFFLINE_RENDERER",
 ]
 
 
@@ -387,6 +388,31 @@ def _register_offline_renderer() -> None:
 
     if OFFLINE_RENDERER not in pio.renderers:
         pio.renderers[OFFLINE_RENDERER] = OfflineNotebookRenderer()
+
+
+def results_dir(needs: str | None = None) -> Path:
+    """The repository's ``benchmarks/results/`` folder, where the benchmarks record their figures.
+
+    The chapters that show recorded results call this. It looks beside the imported package first (a clone
+    installed with ``pip install -e .``), then in the current folder and its parents. ``needs`` names a
+    file that must be in the folder.
+
+    Raises:
+        FileNotFoundError: no such folder (or none holding ``needs``); the message says what was looked for.
+
+    Example:
+        >>> (results_dir("shapes_quality.json") / "shapes_quality.json").is_file()
+        True
+    """
+    here = Path.cwd()
+    for base in (Path(__file__).resolve().parents[1], here, *here.parents):
+        folder = base / "benchmarks" / "results"
+        if folder.is_dir() and (needs is None or (folder / needs).is_file()):
+            return folder
+    what = "benchmarks/results/" + (needs or "")
+    raise FileNotFoundError(f"{what} not found beside the attnlens package, in {here} or its parents: recorded "
+                            "results live in a clone of the attnlens repository (run the chapter there, or run the "
+                            "benchmark that writes the file)")
 
 
 def setup_notebook(renderer: str | None = None) -> None:

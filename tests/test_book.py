@@ -135,3 +135,12 @@ BUILT = sorted((ROOT / "_build" / "html").rglob("*.html"))
 def test_built_html_loads_nothing_from_the_network():
     bad = {str(p.relative_to(ROOT)): check_book.remote_loads(p.read_text(errors="replace")) for p in BUILT}
     assert {k: v for k, v in bad.items() if v} == {}
+
+
+def test_results_dir_finds_the_record_and_names_what_is_missing(tmp_path, monkeypatch):
+    from attnlens import viz
+
+    assert (viz.results_dir("shapes_quality.json") / "shapes_quality.json").is_file()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"benchmarks/results/no_such_record\.json not found"):
+        viz.results_dir("no_such_record.json")
