@@ -30,10 +30,17 @@ def test_training_runs_resumes_and_exports(tmp_path):
     train.main(["unet", "--tiny", "--workdir", str(work), "--steps", "4", "--save-every", "1"])
     meta = json.loads((work / "unet.safetensors.json").read_text())["meta"]
     assert meta["config"]["snr_floor"] == 0.05 and len(meta["recipe_changes"]) == 2
+    # a new latent std rescales the latents: the scaling factor follows it, and the change is on record
+    scale = meta["scaling_factor"]
+    train.main(["unet", "--tiny", "--workdir", str(work), "--steps", "5", "--save-every", "1", "--latent-std", "0.5"])
+    meta = json.loads((work / "unet.safetensors.json").read_text())["meta"]
+    assert meta["config"]["latent_std"] == 0.5 and abs(meta["scaling_factor"] - scale / 2) < 1e-9
+    assert meta["recipe_changes"][-1] == {"step": 4, "changed": {"latent_std": [1.0, 0.5], "total_steps": [4, 5]}}
     out = train.export(work, tmp_path / "pipe")
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32, use_safetensors=True)
+    assert abs(pipe.vae.config.scaling_factor - scale / 2) < 1e-6  # the pipeline decodes with the new factor
     image = pipe("a red star", num_inference_steps=2, guidance_scale=3.0, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 64, 64, 3)

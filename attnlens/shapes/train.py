@@ -71,6 +71,11 @@ class UNetConfig:
     # min(snr, gamma) + snr_floor instead of min(snr, gamma), so the noisiest steps, where the layout is
     # decided and only the prompt can say where the object goes, are not weighted down to nothing
     snr_floor: float = 0.0
+    # the std the latents are scaled to before noising (Stable Diffusion's ``scaling_factor`` makes it 1).
+    # Below 1 every timestep's signal-to-noise ratio falls by its square with SD's betas unchanged: the
+    # object here fills a large share of a 16x16 latent, so at SD's noisiest training step its place is
+    # still plain in the noisy latent and the prompt's position words add nothing the UNet cannot see
+    latent_std: float = 1.0
     ema_decay: float = 0.999
 
 
@@ -289,10 +294,18 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
             e.lerp_(p, 1.0 - decay)
 
 
+OVERRIDABLE = ("snr_floor", "latent_std")
+"""Recipe fields a resumed run may change (each change is recorded in the checkpoint and the card)."""
+
+
 def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every: int,
-               snr_floor: float | None = None) -> None:
-    """Train (or resume) the text encoder and UNet; ``snr_floor=None`` keeps the checkpoint's floor
-    (``cfg.snr_floor`` for a new run), a number overrides it and is recorded as a recipe change."""
+               snr_floor: float | None = None, latent_std: float | None = None) -> None:
+    """Train (or resume) the text encoder and UNet.
+
+    ``snr_floor`` and ``latent_std`` left ``None`` keep the checkpoint's values (``cfg``'s for a new
+    run); a number overrides it and, on resuming, is recorded as a recipe change. A changed
+    ``latent_std`` rescales the latents from the next step on (``scaling_factor`` follows it).
+    """
     from .._tokenizer import load_tokenizer
 
     torch.manual_seed(seed)
@@ -314,8 +327,12 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
         meta = load_checkpoint(ckpt, modules, {"opt": opt})
         start, scale = meta["step"], meta["scaling_factor"]
         changes = list(meta.get("recipe_changes", []))
-        old = {**asdict(UNetConfig()), **meta["config"]}  # defaults fill keys older checkpoints lack
-        cfg = replace(cfg, snr_floor=old["snr_floor"] if snr_floor is None else snr_floor)
+        # keys older checkpoints lack take the values those runs used (the defaults of their time)
+        old = {**asdict(UNetConfig()), "latent_std": 1.0, **meta["config"]}
+        given = {"snr_floor": snr_floor, "latent_std": latent_std}
+        cfg = replace(cfg, **{k: old[k] if given[k] is None else given[k] for k in OVERRIDABLE})
+        if cfg.latent_std != old["latent_std"]:
+            scale = scale / old["latent_std"] * cfg.latent_std
         diff = {k: [old[k], v] for k, v in asdict(cfg).items() if old.get(k) != (list(v) if isinstance(v, tuple) else v)}
         if meta.get("total_steps") not in (None, steps):  # a longer or shorter schedule: the LR curve changes
             diff["total_steps"] = [meta["total_steps"], steps]
@@ -325,10 +342,11 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
         sched.last_epoch = start - 1
         sched.step()
         print(f"resumed UNet at step {start}", file=sys.stderr)
-    elif snr_floor is not None:
-        cfg = replace(cfg, snr_floor=snr_floor)
+    else:
+        given = {"snr_floor": snr_floor, "latent_std": latent_std}
+        cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
     if scale is None:
-        scale = latent_scale(vae)
+        scale = latent_scale(vae) * cfg.latent_std
     ds = ShapesDataset(10**9, seed=seed + 1)
     log = workdir / "unet_log.jsonl"
     t0 = time.time()
@@ -440,6 +458,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--snr-floor", type=float, default=None,
                         help="unet: x0-weight floor added to min-SNR weighting (UNetConfig.snr_floor; default: the "
                         "checkpoint's value, or 0 for a new run)")
+    parser.add_argument("--latent-std", type=float, default=None,
+                        help="unet: the std latents are scaled to (UNetConfig.latent_std; default: the checkpoint's "
+                        "value, or 1 for a new run, as in Stable Diffusion)")
     parser.add_argument("--out", type=Path, help="export, card: the diffusers folder to write")
     parser.add_argument("--results", type=Path, default=None,
                         help="card: the quality bar's results (default benchmarks/results/shapes_quality.json)")
@@ -452,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
                   args.save_every, args.eval_every)
     elif args.stage == "unet":
         train_unet(args.workdir, args.steps, TINY_UNET if args.tiny else UNetConfig(), args.seed, args.save_every,
-                   snr_floor=args.snr_floor)
+                   snr_floor=args.snr_floor, latent_std=args.latent_std)
     elif args.stage == "card":
         from .card import RESULTS, write_card
 
