@@ -1,0 +1,83 @@
+"""benchmarks/shapes_position_diagnosis.py's measurements on a tiny random pipeline, and the card's use of them."""
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from attnlens import shapes
+from attnlens._testing import tiny_pipeline
+from attnlens.shapes.card import fingerprint, render_card, weight_sums
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def diagnosis():
+    spec = importlib.util.spec_from_file_location("shapes_position_diagnosis",
+                                                  ROOT / "benchmarks" / "shapes_position_diagnosis.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+def test_untrained_embeddings_all_sit_at_the_unseen_baseline(diagnosis, pipe):
+    norms = diagnosis.embedding_norms(pipe, n_prompts=200)
+    assert set(shapes.ATTRIBUTES) | {"unseen_tokens", "unseen_tokens_std"} == set(norms)
+    # nothing is trained in a random pipeline: every attribute's words look like tokens no prompt contains
+    for attribute in shapes.ATTRIBUTES:
+        assert abs(norms[attribute] - norms["unseen_tokens"]) < 4 * norms["unseen_tokens_std"] + 1e-3
+
+
+def test_a_trained_word_stands_out_from_the_baseline(diagnosis):
+    pipe = tiny_pipeline()
+    table = pipe.text_encoder.get_input_embeddings().weight
+    red = pipe.tokenizer("red", add_special_tokens=False).input_ids[0]
+    table.data[red] *= 10  # what training does to a word the UNet uses
+    norms = diagnosis.embedding_norms(pipe, n_prompts=200)
+    assert norms["colour"] > norms["unseen_tokens"] + 4 * norms["unseen_tokens_std"]
+    assert abs(norms["position"] - norms["unseen_tokens"]) < 4 * norms["unseen_tokens_std"] + 1e-3
+
+
+def test_detectability_grows_as_noise_falls(diagnosis, pipe):
+    detect = diagnosis.latent_detectability(pipe, n=4, seed=0)
+    t, snr = detect["timesteps"], detect["snr"]
+    assert t == sorted(t, reverse=True) and snr == sorted(snr)
+    for name in ("position", "colour"):
+        d = detect[name]["d_prime"]
+        assert detect[name]["energy_median"] > 0 and d == sorted(d)
+        # d'^2 / snr is the energy at every step
+        assert np.allclose(np.square(d) / np.array(snr), detect[name]["energy_median"], rtol=1e-6)
+
+
+def test_card_reports_embeddings_and_detectability_only_for_these_weights(tmp_path):
+    folder = tmp_path / "model"
+    tiny_pipeline().save_pretrained(folder, safe_serialization=True)
+    (folder / "training.json").write_text(json.dumps(
+        {"unet_step": 10, "seed": 0, "ema": True, "config": {}, "vae": {"step": 5, "config": {}, "seed": 0},
+         "logs": {}, "sha256": weight_sums(folder)}))
+    r2 = {"mid.0.cross": {"grid": "4x4", "999": {"all": 0.9, "inner_half": 0.8}}}
+    diag = {"command": "python benchmarks/shapes_position_diagnosis.py", "model_fingerprint": fingerprint(folder),
+            "timesteps": [999], "text_distance": {"colour": 2.0, "position": 0.1}, "query_position_r2": r2,
+            "embedding_norm": {"shape": 0.48, "colour": 0.53, "size": 0.49, "position": 0.28, "background": 0.51,
+                               "unseen_tokens": 0.219, "unseen_tokens_std": 0.014},
+            "latent_detectability": {"timesteps": [999, 600], "snr": [0.0047, 0.19],
+                                     "position": {"energy_median": 1300.0, "d_prime": [2.47, 15.8]},
+                                     "colour": {"energy_median": 1400.0, "d_prime": [2.57, 16.4]}}}
+    path = tmp_path / "diag.json"
+    path.write_text(json.dumps(diag))
+    card = render_card(folder, tmp_path / "absent.json", diagnosis_path=path)
+    assert "their mean norm is 0.280, against 0.219 for tokens no prompt contains" in card
+    assert "shape 0.480, colour 0.530, size 0.490, background 0.510" in card
+    assert "(t=999) a matched filter tells a centered object from one on the left with d' = 2.47" in card
+    shutil.rmtree(folder / "unet")
+    tiny_pipeline(seed=1).unet.save_pretrained(folder / "unet", safe_serialization=True)  # other weights
+    assert "Where position is lost" not in render_card(folder, tmp_path / "absent.json", diagnosis_path=path)
