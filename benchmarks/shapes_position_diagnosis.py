@@ -16,8 +16,10 @@
 
 3. **Word embeddings.** The norm of each attribute's word embeddings (the text encoder's input table,
    one row per token, mean over the attribute's values) beside the mean norm of tokens no Shapes
-   prompt contains, which training never touches and which keep their random initialisation. Words
-   whose rows stay near that baseline were never pulled anywhere by training.
+   prompt contains, which training never touches and which keep their random initialisation; and the
+   *spread* of each attribute's words (mean distance between the rows of its values; a word of several
+   tokens is their mean row), which says whether training pulled the values apart. Words whose norm and
+   spread stay near the untouched tokens' were never pulled anywhere by training.
 4. **Position in the noisy latent.** How plainly the noisy latent itself shows where the object is, at
    the training timesteps: for ``--n`` scenes moved from the center to the left (everything else kept),
    the energy of the latent difference ``||z_left - z_center||^2`` (posterior means times the
@@ -94,13 +96,16 @@ def embedding_norms(pipe, n_prompts: int = 2000, seed: int = 0) -> dict:
         seen.update(tok(sample_example(rng).prompt).input_ids)
     phrases = {a: list(v) for a, v in shapes.ATTRIBUTES.items()}
     phrases["position"] = [POSITION_PHRASES[v][0].split()[-1] for v in shapes.ATTRIBUTES["position"]]
-    out = {}
+    out: dict = {"spread": {}}
     for attribute, words in phrases.items():
-        ids = [i for w in words for i in tok(w, add_special_tokens=False).input_ids]
-        out[attribute] = float(table[ids].norm(dim=-1).mean())
+        rows = torch.stack([table[tok(w, add_special_tokens=False).input_ids].mean(0) for w in words])
+        out[attribute] = float(rows.norm(dim=-1).mean())
+        out["spread"][attribute] = float(torch.pdist(rows).mean())  # how far apart the values' words are
     unseen = torch.tensor([i for i in range(table.shape[0]) if i not in seen])
     out["unseen_tokens"] = float(table[unseen].norm(dim=-1).mean())
     out["unseen_tokens_std"] = float(table[unseen].norm(dim=-1).std())
+    sample = unseen[torch.randperm(len(unseen), generator=torch.Generator().manual_seed(seed))[:200]]
+    out["spread"]["unseen_tokens"] = float(torch.pdist(table[sample]).mean())
     return out
 
 
@@ -202,7 +207,8 @@ def main() -> None:
                                      "inner_half: positions away from the border only",
         "embedding_norm": norms,
         "embedding_norm_meaning": "mean L2 norm of the text encoder's input embedding rows of each attribute's "
-                                  "words; unseen_tokens: tokens no Shapes prompt contains (random initialisation)",
+                                  "words; spread: mean distance between the rows of an attribute's values; "
+                                  "unseen_tokens: tokens no Shapes prompt contains (random initialisation)",
         "latent_detectability": detect,
         "latent_detectability_meaning": "matched-filter d' = sqrt(snr(t) * ||z_changed - z_center||^2) of a "
                                         "center->left move and of a colour change in the noisy latent (64 scenes, "
@@ -221,8 +227,9 @@ def main() -> None:
             f"{r[str(t)]['all']:>8.2f} / {r[str(t)]['inner_half']:5.2f}" for t in TIMESTEPS))
     print("word embeddings: mean norm per attribute's words "
           f"(tokens no prompt contains: {norms['unseen_tokens']:.3f} +- {norms['unseen_tokens_std']:.3f})")
+    print(f"  {'':<11} {'norm':>6} {'spread':>7}   (untouched tokens' spread {norms['spread']['unseen_tokens']:.3f})")
     for a in shapes.ATTRIBUTES:
-        print(f"  {a:<11} {norms[a]:6.3f}")
+        print(f"  {a:<11} {norms[a]:6.3f} {norms['spread'][a]:7.3f}")
     print("noisy latent: matched-filter d' of a change, per training timestep")
     print("  " + " ".join(f"{'t=' + str(t):>7}" for t in detect["timesteps"]))
     for name in ("position", "colour"):

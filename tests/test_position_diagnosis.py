@@ -31,19 +31,21 @@ def pipe():
 
 def test_untrained_embeddings_all_sit_at_the_unseen_baseline(diagnosis, pipe):
     norms = diagnosis.embedding_norms(pipe, n_prompts=200)
-    assert set(shapes.ATTRIBUTES) | {"unseen_tokens", "unseen_tokens_std"} == set(norms)
+    assert set(shapes.ATTRIBUTES) | {"unseen_tokens", "unseen_tokens_std", "spread"} == set(norms)
+    assert set(shapes.ATTRIBUTES) | {"unseen_tokens"} == set(norms["spread"])
     # nothing is trained in a random pipeline: every attribute's words look like tokens no prompt contains
     for attribute in shapes.ATTRIBUTES:
         assert abs(norms[attribute] - norms["unseen_tokens"]) < 4 * norms["unseen_tokens_std"] + 1e-3
 
 
-def test_a_trained_word_stands_out_from_the_baseline(diagnosis):
+def test_trained_words_stand_out_from_the_baseline(diagnosis):
     pipe = tiny_pipeline()
     table = pipe.text_encoder.get_input_embeddings().weight
-    red = pipe.tokenizer("red", add_special_tokens=False).input_ids[0]
-    table.data[red] *= 10  # what training does to a word the UNet uses
+    for colour in shapes.ATTRIBUTES["colour"]:  # what training does to words the UNet uses
+        table.data[pipe.tokenizer(colour, add_special_tokens=False).input_ids] *= 10
     norms = diagnosis.embedding_norms(pipe, n_prompts=200)
     assert norms["colour"] > norms["unseen_tokens"] + 4 * norms["unseen_tokens_std"]
+    assert norms["spread"]["colour"] > 3 * norms["spread"]["unseen_tokens"] > 3 * 0.9 * norms["spread"]["position"]
     assert abs(norms["position"] - norms["unseen_tokens"]) < 4 * norms["unseen_tokens_std"] + 1e-3
 
 
@@ -68,7 +70,9 @@ def test_card_reports_embeddings_and_detectability_only_for_these_weights(tmp_pa
     diag = {"command": "python benchmarks/shapes_position_diagnosis.py", "model_fingerprint": fingerprint(folder),
             "timesteps": [999], "text_distance": {"colour": 2.0, "position": 0.1}, "query_position_r2": r2,
             "embedding_norm": {"shape": 0.48, "colour": 0.53, "size": 0.49, "position": 0.28, "background": 0.51,
-                               "unseen_tokens": 0.219, "unseen_tokens_std": 0.014},
+                               "unseen_tokens": 0.219, "unseen_tokens_std": 0.014,
+                               "spread": {"shape": 0.67, "colour": 0.72, "size": 0.84, "position": 0.355,
+                                          "background": 0.78, "unseen_tokens": 0.311}},
             "latent_detectability": {"timesteps": [999, 600], "snr": [0.0047, 0.19],
                                      "position": {"energy_median": 1300.0, "d_prime": [2.47, 15.8]},
                                      "colour": {"energy_median": 1400.0, "d_prime": [2.57, 16.4]}}}
@@ -77,6 +81,7 @@ def test_card_reports_embeddings_and_detectability_only_for_these_weights(tmp_pa
     card = render_card(folder, tmp_path / "absent.json", diagnosis_path=path)
     assert "their mean norm is 0.280, against 0.219 for tokens no prompt contains" in card
     assert "shape 0.480, colour 0.530, size 0.490, background 0.510" in card
+    assert "the five position words are 0.355 apart on average, against 0.311 for two untouched tokens" in card
     assert "(t=999) a matched filter tells a centered object from one on the left with d' = 2.47" in card
     shutil.rmtree(folder / "unet")
     tiny_pipeline(seed=1).unet.save_pretrained(folder / "unet", safe_serialization=True)  # other weights

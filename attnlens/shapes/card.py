@@ -241,10 +241,14 @@ def _position_section(diag: dict | None, folder: Path) -> list[str]:
         L.append("")
         L.append("The position words' input embeddings have hardly moved: their mean norm is "
                  f"{norms['position']:.3f}, against {norms['unseen_tokens']:.3f} for tokens no prompt contains (still "
-                 "at their random initialisation) and " + ", ".join(f"{a} {norms[a]:.3f}" for a in norms
-                                                                     if a not in ("position", "unseen_tokens",
-                                                                                  "unseen_tokens_std"))
-                 + " for the other attributes' words: training never pulled them anywhere.")
+                 "at their random initialisation) and " + ", ".join(f"{a} {norms[a]:.3f}" for a in ATTRIBUTES
+                                                                     if a != "position" and a in norms)
+                 + " for the other attributes' words"
+                 + (f"; and the five position words are {norms['spread']['position']:.3f} apart on average, against "
+                    f"{norms['spread']['unseen_tokens']:.3f} for two untouched tokens and "
+                    + ", ".join(f"{a} {d:.3f}" for a, d in norms["spread"].items() if a in ATTRIBUTES and a != "position")
+                    + " for the values of the other attributes" if "spread" in norms else "")
+                 + ": training never pulled them anywhere.")
     if detect:
         L.append("")
         L.append(f"Nor is position harder to see than colour in the noisy latent: at SD's noisiest training step "
