@@ -21,13 +21,14 @@
    tokens is their mean row), which says whether training pulled the values apart. Words whose norm and
    spread stay near the untouched tokens' were never pulled anywhere by training.
 4. **Position in the noisy latent.** How plainly the noisy latent itself shows where the object is, at
-   the training timesteps: for ``--n`` scenes moved from the center to the left (everything else kept),
+   the training timesteps: for 64 scenes moved from the center to the left (everything else kept),
    the energy of the latent difference ``||z_left - z_center||^2`` (posterior means times the
    pipeline's ``scaling_factor``) gives a matched-filter detectability ``d' = sqrt(snr(t) * energy)``
    with ``snr(t) = alpha_bar / (1 - alpha_bar)`` of the pipeline's scheduler; the same for a change of
-   colour (to red, or to blue for red objects). With ``d'`` well above 1 even at the noisiest training
-   step, the noisy latent already says where the object is at every step of training, and the prompt's
-   position words add nothing the UNet cannot read from its input.
+   colour (to red, or to blue for red objects). A ``d'`` well above 1 even at the noisiest training
+   step says the noisy latent already shows the attribute at every step of training, so the prompt's
+   word adds little there; position and colour side by side say whether that visibility can explain
+   why one is learnt and the other not.
 
 A diagnostic for the model card and for whoever trains the next model: it does not enter the quality bar.
 

@@ -72,9 +72,10 @@ class UNetConfig:
     # decided and only the prompt can say where the object goes, are not weighted down to nothing
     snr_floor: float = 0.0
     # the std the latents are scaled to before noising (Stable Diffusion's ``scaling_factor`` makes it 1).
-    # Below 1 every timestep's signal-to-noise ratio falls by its square with SD's betas unchanged: the
-    # object here fills a large share of a 16x16 latent, so at SD's noisiest training step its place is
-    # still plain in the noisy latent and the prompt's position words add nothing the UNet cannot see
+    # Below 1 every timestep's signal-to-noise ratio falls by its square with SD's betas unchanged. The
+    # object fills a large share of a 16x16 latent, so at SD's noisiest training step its place and its
+    # colour are still plain in the noisy latent (benchmarks/shapes_position_diagnosis.py); a lower std
+    # leaves the noisiest steps to the prompt
     latent_std: float = 1.0
     ema_decay: float = 0.999
 
@@ -323,13 +324,13 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
     ckpt = workdir / "unet.safetensors"
     modules = {"text": text, "unet": unet, "ema_text": ema_text, "ema_unet": ema_unet}
     start, scale, changes = 0, None, []
+    given = {"snr_floor": snr_floor, "latent_std": latent_std}
     if ckpt.exists():
         meta = load_checkpoint(ckpt, modules, {"opt": opt})
         start, scale = meta["step"], meta["scaling_factor"]
         changes = list(meta.get("recipe_changes", []))
         # keys older checkpoints lack take the values those runs used (the defaults of their time)
         old = {**asdict(UNetConfig()), "latent_std": 1.0, **meta["config"]}
-        given = {"snr_floor": snr_floor, "latent_std": latent_std}
         cfg = replace(cfg, **{k: old[k] if given[k] is None else given[k] for k in OVERRIDABLE})
         if cfg.latent_std != old["latent_std"]:
             scale = scale / old["latent_std"] * cfg.latent_std
@@ -343,7 +344,6 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
         sched.step()
         print(f"resumed UNet at step {start}", file=sys.stderr)
     else:
-        given = {"snr_floor": snr_floor, "latent_std": latent_std}
         cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
     if scale is None:
         scale = latent_scale(vae) * cfg.latent_std
