@@ -103,8 +103,8 @@ def embedding_norms(pipe, n_prompts: int = 2000, seed: int = 0) -> dict:
         out[attribute] = float(rows.norm(dim=-1).mean())
         out["spread"][attribute] = float(torch.pdist(rows).mean())  # how far apart the values' words are
     unseen = torch.tensor([i for i in range(table.shape[0]) if i not in seen])
-    out["unseen_tokens"] = float(table[unseen].norm(dim=-1).mean())
-    out["unseen_tokens_std"] = float(table[unseen].norm(dim=-1).std())
+    unseen_norms = table[unseen].norm(dim=-1)
+    out["unseen_tokens"], out["unseen_tokens_std"] = float(unseen_norms.mean()), float(unseen_norms.std())
     sample = unseen[torch.randperm(len(unseen), generator=torch.Generator().manual_seed(seed))[:200]]
     out["spread"]["unseen_tokens"] = float(torch.pdist(table[sample]).mean())
     return out
