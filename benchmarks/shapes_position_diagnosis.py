@@ -1,4 +1,4 @@
-"""Why does the Shapes model ignore position words? Four measurements that split the question up.
+"""Why does the Shapes model ignore position words? Five measurements that split the question up.
 
 1. **Text side.** Does the text encoder tell the position words apart? For each attribute, prompts that
    differ in one value only ("a red star on the left" / "... on the right"; "a red star" / "a blue
@@ -29,6 +29,15 @@
    step says the noisy latent already shows the attribute at every step of training, so the prompt's
    word adds little there; position and colour side by side say whether that visibility can explain
    why one is learnt and the other not.
+5. **What a word says on its own.** The share of the variance of the training images that each
+   attribute's conditional mean explains, over ``--scenes`` random scenes, in pixels and in the
+   scaled latent: ``sum_v p_v ||E[x | v] - E[x]||^2 / E||x - E[x]||^2``, bias-corrected for the
+   finite sample (between-group minus its expectation under no effect, as in omega-squared). Denoising
+   at the noisiest steps, where the latent shows nothing yet, is a regression to exactly these
+   conditional means, so an attribute with a small share gives its word almost no gradient on its own.
+   Beside it, the share position adds once colour and background are known. The world's eight object
+   colours average to a gray close to the average background, so a word that says only *where* the
+   object is moves the mean image very little, while a colour word moves it a lot.
 
 A diagnostic for the model card and for whoever trains the next model: it does not enter the quality bar.
 
@@ -137,6 +146,44 @@ def latent_detectability(pipe, n: int, seed: int) -> dict:
     return out
 
 
+def _explained(x: np.ndarray, labels: np.ndarray) -> float:
+    """Bias-corrected share of the variance of ``x`` (n, d) explained by the group means of ``labels``."""
+    n = len(x)
+    total = float(((x - x.mean(0)) ** 2).sum())
+    between = within = 0.0
+    groups = np.unique(labels)
+    for g in groups:
+        xs = x[labels == g]
+        m = xs.mean(0)
+        between += len(xs) * float(((m - x.mean(0)) ** 2).sum())
+        within += float(((xs - m) ** 2).sum())
+    # under no effect the between-group sum of squares is (k - 1) times the within-group mean square
+    return (between - (len(groups) - 1) * within / max(1, n - len(groups))) / total
+
+
+@torch.no_grad()
+def mean_image_shares(pipe, n: int, seed: int) -> dict:
+    """Variance share of each attribute's conditional mean image, in pixels and in the scaled latent."""
+    vae, scale = pipe.vae, pipe.vae.config.scaling_factor
+    rng = np.random.default_rng(seed)
+    scenes = [shapes.sample_scene(rng) for _ in range(n)]
+    pixels = np.stack([shapes.render(s)[0] for s in scenes]).astype(np.float32) / 127.5 - 1  # (n, 64, 64, 3)
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2)
+    z = torch.cat([vae.encode(x[i : i + 128].to(vae.dtype)).latent_dist.mean.float() * scale
+                   for i in range(0, n, 128)])
+    spaces = {"pixels": pixels.reshape(n, -1).astype(np.float64), "latent": z.reshape(n, -1).double().numpy()}
+    labels = {a: np.array([getattr(s, a) for s in scenes]) for a in shapes.ATTRIBUTES}
+    colour_bg = np.char.add(np.char.add(labels["colour"], "|"), labels["background"])
+    out: dict = {"n_scenes": n}
+    for space, data in spaces.items():
+        shares = {a: _explained(data, lab) for a, lab in labels.items()}
+        shares["position_given_colour_background"] = (
+            _explained(data, np.char.add(np.char.add(colour_bg, "|"), labels["position"]))
+            - _explained(data, colour_bg))
+        out[space] = shares
+    return out
+
+
 def query_position_r2(pipe, n: int, seed: int) -> dict[str, dict[str, dict[str, float]]]:
     """R^2 of a ridge regression from each cross-attention layer's queries to their grid coordinates."""
     from sklearn.linear_model import RidgeCV
@@ -185,6 +232,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="diffusers folder (default: $ATTNLENS_MODEL or the embedded model)")
     ap.add_argument("--n", type=int, default=32, help="noise latents (default 32)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scenes", type=int, default=4096, help="random scenes for the mean-image shares (default 4096)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "shapes_position_diagnosis.json")
     args = ap.parse_args()
@@ -195,6 +243,7 @@ def main() -> None:
     r2 = query_position_r2(pipe, args.n, args.seed)
     norms = embedding_norms(pipe)
     detect = latent_detectability(pipe, 64, args.seed)
+    shares = mean_image_shares(pipe, args.scenes, args.seed)
     record = {
         "command": "python benchmarks/shapes_position_diagnosis.py" + (f" --model {args.model}" if args.model else ""),
         "model": str(args.model or "embedded Shapes model"),
@@ -214,6 +263,11 @@ def main() -> None:
         "latent_detectability_meaning": "matched-filter d' = sqrt(snr(t) * ||z_changed - z_center||^2) of a "
                                         "center->left move and of a colour change in the noisy latent (64 scenes, "
                                         "median energy)",
+        "mean_image_share": shares,
+        "mean_image_share_meaning": "bias-corrected share of the variance of random renders (pixels; latent: "
+                                    "posterior means times scaling_factor) explained by each attribute's "
+                                    "conditional mean image; position_given_colour_background: the share "
+                                    "position adds once colour and background are known",
         "seconds": round(time.perf_counter() - t0, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -235,6 +289,10 @@ def main() -> None:
     print("  " + " ".join(f"{'t=' + str(t):>7}" for t in detect["timesteps"]))
     for name in ("position", "colour"):
         print(f"  {name:<9}" + " ".join(f"{d:7.2f}" for d in detect[name]["d_prime"]))
+    print(f"share of the image variance each attribute's mean image explains ({shares['n_scenes']} scenes)")
+    print(f"  {'':<34} {'pixels':>7} {'latent':>7}")
+    for a in list(shapes.ATTRIBUTES) + ["position_given_colour_background"]:
+        print(f"  {a:<34} {shares['pixels'][a]:7.3f} {shares['latent'][a]:7.3f}")
     print(f"wrote {args.out}")
 
 

@@ -75,7 +75,12 @@ def test_card_reports_embeddings_and_detectability_only_for_these_weights(tmp_pa
                                           "background": 0.78, "unseen_tokens": 0.311}},
             "latent_detectability": {"timesteps": [999, 600], "snr": [0.0047, 0.19],
                                      "position": {"energy_median": 1300.0, "d_prime": [2.47, 15.8]},
-                                     "colour": {"energy_median": 1400.0, "d_prime": [2.57, 16.4]}}}
+                                     "colour": {"energy_median": 1400.0, "d_prime": [2.57, 16.4]}},
+            "mean_image_share": {"n_scenes": 4096,
+                                 "latent": {"shape": 0.003, "colour": 0.107, "size": 0.007, "position": 0.009,
+                                            "background": 0.159, "position_given_colour_background": 0.321},
+                                 "pixels": {"shape": 0.0, "colour": 0.012, "size": 0.0, "position": 0.001,
+                                            "background": 0.889, "position_given_colour_background": 0.053}}}
     path = tmp_path / "diag.json"
     path.write_text(json.dumps(diag))
     card = render_card(folder, tmp_path / "absent.json", diagnosis_path=path)
@@ -83,6 +88,42 @@ def test_card_reports_embeddings_and_detectability_only_for_these_weights(tmp_pa
     assert "shape 0.480, colour 0.530, size 0.490, background 0.510" in card
     assert "the five position words are 0.355 apart on average, against 0.311 for two untouched tokens" in card
     assert "(t=999) a matched filter tells a centered object from one on the left with d' = 2.47" in card
+    assert "over 4,096 random renders" in card and "colour 10.7%" in card and "position 0.9%" in card
+    assert "Position adds 32.1% of the latent's variance once colour and background are known" in card
+    assert "The UNet can learn that interaction" not in card  # no text-path record for these weights
+    text_path = tmp_path / "text_path.json"
+    text_path.write_text(json.dumps({
+        "command": "python benchmarks/shapes_text_path.py", "model_fingerprint": fingerprint(folder), "steps": 200,
+        "timestep": 999, "arms": {"clip": [{"position": 0.0004, "colour": 0.31}],
+                                  "word_table": [{"position": 0.081, "colour": 0.27}]}}))
+    card = render_card(folder, tmp_path / "absent.json", diagnosis_path=path, text_path_path=text_path)
+    assert "The UNet can learn that interaction" in card and "from scratch for 200 steps at t=999" in card
+    assert ("8.1% worse behind the word table, and changes it by +0.0% behind CLIP; swapping the colour word makes it "
+            "27.0% and 31.0% worse") in card
     shutil.rmtree(folder / "unet")
     tiny_pipeline(seed=1).unet.save_pretrained(folder / "unet", safe_serialization=True)  # other weights
     assert "Where position is lost" not in render_card(folder, tmp_path / "absent.json", diagnosis_path=path)
+
+
+def test_explained_share_is_zero_without_an_effect_and_exact_with_one(diagnosis):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 4000).astype(str)
+    noise = rng.normal(size=(4000, 6))
+    assert abs(diagnosis._explained(noise, labels)) < 0.005  # bias-corrected: no effect reads as ~0
+    means = rng.normal(size=(5, 6))
+    x = means[labels.astype(int)] + noise
+    expected = means.var(0).sum() / (means.var(0).sum() + 6)  # between-value variance over the total
+    assert diagnosis._explained(x, labels) == pytest.approx(expected, abs=0.03)
+
+
+def test_mean_image_shares_position_says_little_on_its_own(diagnosis, pipe):
+    shares = diagnosis.mean_image_shares(pipe, n=600, seed=0)
+    assert shares["n_scenes"] == 600
+    for space in ("pixels", "latent"):
+        assert set(shares[space]) == set(shapes.ATTRIBUTES) | {"position_given_colour_background"}
+    pix = shares["pixels"]
+    # a property of the world, whatever the VAE: the background fills most pixels, and the object's mean
+    # colour is close to the mean background, so its place alone hardly changes the mean image ...
+    assert pix["background"] > 0.5 and pix["position"] < 0.01
+    # ... while it does once colour and background are known
+    assert pix["position_given_colour_background"] > 5 * max(pix["position"], 0.001)

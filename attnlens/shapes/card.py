@@ -26,6 +26,7 @@ RESULTS = REPO / "benchmarks" / "results" / "shapes_quality.json"
 ORACLE_RESULTS = REPO / "benchmarks" / "results" / "oracle_accuracy.json"
 CONDITIONING = REPO / "benchmarks" / "results" / "shapes_conditioning.json"
 POSITION_DIAGNOSIS = REPO / "benchmarks" / "results" / "shapes_position_diagnosis.json"
+TEXT_PATH = REPO / "benchmarks" / "results" / "shapes_text_path.json"
 TOKENIZER_LICENSE = Path(__file__).resolve().parents[1] / "tokenizer" / "LICENSE"
 
 
@@ -216,7 +217,7 @@ def _conditioning_section(cond: dict | None, folder: Path) -> list[str]:
     return lines
 
 
-def _position_section(diag: dict | None, folder: Path) -> list[str]:
+def _position_section(diag: dict | None, folder: Path, text_path: dict | None = None) -> list[str]:
     """Where position is lost: text-encoder distances and query-position R^2 of
     benchmarks/shapes_position_diagnosis.py, when measured on these weights."""
     if diag is None or diag.get("model_fingerprint") != fingerprint(folder):
@@ -255,14 +256,37 @@ def _position_section(diag: dict | None, folder: Path) -> list[str]:
                  f"(t={detect['timesteps'][0]}) a matched filter tells a centered object from one on the left with "
                  f"d' = {detect['position']['d_prime'][0]:.2f}, and a change of colour with d' = "
                  f"{detect['colour']['d_prime'][0]:.2f}. Both are plain in the UNet's input at every training step, "
-                 "yet only colour words are learnt. One reading, not tested here: a colour word can act through "
-                 "cross-attention's values alone (the same colour added wherever the object is), while a position "
-                 "word needs queries and keys to agree on a place, a product of two things that start untrained.")
+                 "yet only colour words are learnt.")
+    shares = diag.get("mean_image_share")
+    if shares:
+        lat, pix = shares["latent"], shares["pixels"]
+        L.append("")
+        L.append(f"What a word says on its own (over {shares['n_scenes']:,} random renders): each attribute's mean image "
+                 "explains this share of the variance of the scaled latent: "
+                 + ", ".join(f"{a} {max(lat[a], 0.0):.1%}" for a in ATTRIBUTES)  # bias correction can dip below 0
+                 + " (of the pixels: " + ", ".join(f"{a} {max(pix[a], 0.0):.1%}" for a in ATTRIBUTES) + "). Position adds "
+                 f"{lat['position_given_colour_background']:.1%} of the latent's variance once colour and background "
+                 "are known. At the noisiest steps denoising is a regression to exactly these conditional means, so a "
+                 "position word on its own moves the prediction almost nowhere: the eight object colours average to a "
+                 "gray close to the average background, and where the object is matters only jointly with its colour "
+                 "and background, an interaction training has to find, whereas a colour word pays off on its own.")
+    if text_path and text_path.get("model_fingerprint") == fingerprint(folder):
+        last = {arm: history[-1] for arm, history in text_path["arms"].items()}
+        L.append("")
+        L.append(f"The UNet can learn that interaction; this text encoder does not pass it on. `{text_path['command']}` "
+                 f"trains this UNet architecture from scratch for {text_path['steps']} steps at t={text_path['timestep']} "
+                 "only (where the prompt is all there is to go by) on latents of this VAE, once behind a fresh CLIP "
+                 "text encoder of this shape and once behind a plain word table (each token's own embedding and a "
+                 "layer norm, nothing mixed between tokens). Swapping the position word then makes the x0 prediction "
+                 f"{last['word_table']['position']:.1%} worse behind the word table, and changes it by "
+                 f"{last['clip']['position']:+.1%} behind CLIP; swapping the colour word makes it "
+                 f"{last['word_table']['colour']:.1%} and {last['clip']['colour']:.1%} worse.")
     return L
 
 
 def render_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_path: str | Path = ORACLE_RESULTS,
-                conditioning_path: str | Path = CONDITIONING, diagnosis_path: str | Path = POSITION_DIAGNOSIS) -> str:
+                conditioning_path: str | Path = CONDITIONING, diagnosis_path: str | Path = POSITION_DIAGNOSIS,
+                text_path_path: str | Path = TEXT_PATH) -> str:
     """The card's Markdown text for the exported model in ``folder``."""
     folder, results_path = Path(folder), Path(results_path)
     training = _read_json(folder / "training.json")
@@ -398,7 +422,7 @@ def render_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_p
         "",
         *quality,
         *_conditioning_section(_read_json(Path(conditioning_path)), folder),
-        *_position_section(_read_json(Path(diagnosis_path)), folder),
+        *_position_section(_read_json(Path(diagnosis_path)), folder, _read_json(Path(text_path_path))),
     ]
     if oracle:
         acc = oracle["conditions"]["clean"]["accuracy"]

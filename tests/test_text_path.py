@@ -1,0 +1,55 @@
+"""benchmarks/shapes_text_path.py: the two-arm training runs end to end and its gain reads 0 for an unchanged word."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnlens.shapes.train import TINY_UNET, build_text_encoder, build_unet
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def text_path():
+    spec = importlib.util.spec_from_file_location("shapes_text_path", ROOT / "benchmarks" / "shapes_text_path.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gain_is_zero_when_the_swapped_prompt_is_the_same(text_path):
+    import attnlens
+
+    pipe = attnlens.load_pipeline(device="cpu", dtype=torch.float32)
+    held = text_path.held_out(pipe, 4, seed=0)
+    assert held["z"].shape == (4, 4, 16, 16)
+    for attribute in text_path.SWAPPED:  # one value changed, and only in that attribute's words
+        assert all(a != b for a, b in zip(held["prompts"]["right"], held["prompts"][attribute]))
+    same = {"z": held["z"], "prompts": {k: held["prompts"]["right"] for k in held["prompts"]}}
+    torch.manual_seed(0)
+    gains = text_path.swap_gains(build_text_encoder(TINY_UNET), build_unet(TINY_UNET), pipe.tokenizer,
+                                 pipe.scheduler.alphas_cumprod[999].float(), same)
+    assert all(gains[a] == 0.0 for a in text_path.SWAPPED) and gains["mse"] > 0
+
+
+def test_word_table_states_depend_on_the_token_only(text_path):
+    table = text_path.WordTable(100, 8)
+    ids = torch.tensor([[5, 7, 9], [9, 7, 5]])
+    h = table(ids).last_hidden_state
+    assert h.shape == (2, 3, 8)
+    assert torch.equal(h[0, 0], h[1, 2]) and torch.equal(h[0, 1], h[1, 1])  # no position, no mixing
+
+
+def test_both_arms_train_and_record(text_path, tmp_path):
+    out = tmp_path / "text_path.json"
+    text_path.main(["--tiny", "--steps", "2", "--eval-every", "1", "--scenes", "16", "--held-out", "4",
+                    "--threads", "1", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert set(record["arms"]) == {"clip", "word_table"}
+    for history in record["arms"].values():
+        assert [h["step"] for h in history] == [1, 2]
+        assert all(math.isfinite(h[a]) for h in history for a in ("position", "colour", "shape", "mse", "loss"))
