@@ -44,3 +44,54 @@ def test_training_runs_resumes_and_exports(tmp_path):
     image = pipe("a red star", num_inference_steps=2, guidance_scale=3.0, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 64, 64, 3)
+
+
+def test_word_table_start_makes_each_state_its_own_token():
+    torch.manual_seed(0)
+    text = train.build_text_encoder(train.TINY_UNET)
+    train.start_as_word_table(text)
+    ids = torch.tensor([[49406, 320, 736, 2368, 49407], [49407, 2368, 736, 320, 49406]])
+    with torch.no_grad():
+        h = text(ids).last_hidden_state
+    assert torch.allclose(h[0, 1], h[1, 3]) and torch.allclose(h[0, 2], h[1, 2])  # no position, no mixing
+    assert not torch.allclose(h[0, 1], h[0, 2])
+
+
+def _layers(path):
+    from safetensors.torch import load_file
+
+    weights = load_file(path)
+    return {k: v.clone() for k, v in weights.items() if k.startswith("text/") and ".layers." in k}
+
+
+def test_v_prediction_and_word_table_steps_train_resume_and_export(tmp_path):
+    work = tmp_path / "run"
+    train.main(["vae", "--tiny", "--workdir", str(work), "--steps", "1", "--save-every", "1", "--eval-every", "1000"])
+    train.main(["unet", "--tiny", "--workdir", str(work), "--steps", "2", "--save-every", "1",
+                "--prediction-type", "v_prediction", "--text-table-steps", "2"])
+    meta = json.loads((work / "unet.safetensors.json").read_text())["meta"]
+    assert meta["config"]["prediction_type"] == "v_prediction" and meta["config"]["text_table_steps"] == 2
+    frozen = _layers(work / "unet.safetensors")
+    assert frozen
+    # the text encoder's layers did not move during the word-table steps: their output projections are still 0
+    assert all(not v.any() for k, v in frozen.items() if k.endswith(("out_proj.weight", "fc2.weight")))
+    train.main(["unet", "--tiny", "--workdir", str(work), "--steps", "4", "--save-every", "1"])  # keeps both
+    meta = json.loads((work / "unet.safetensors.json").read_text())["meta"]
+    assert meta["config"]["prediction_type"] == "v_prediction" and meta["recipe_changes"] == [
+        {"step": 2, "changed": {"total_steps": [2, 4]}}]
+    after = _layers(work / "unet.safetensors")
+    assert any(not torch.equal(after[k], frozen[k]) for k in frozen)  # the layers train after the table steps
+    try:
+        train.main(["unet", "--tiny", "--workdir", str(work), "--steps", "5", "--prediction-type", "epsilon"])
+    except SystemExit as exc:
+        assert "prediction_type='v_prediction'" in str(exc) and "fixed when a run starts" in str(exc)
+    else:
+        raise AssertionError("changing the prediction type of a run must fail")
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(train.export(work, tmp_path / "pipe"), torch_dtype=torch.float32,
+                                                   use_safetensors=True)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    image = pipe("a red star", num_inference_steps=2, guidance_scale=3.0, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 64, 3)

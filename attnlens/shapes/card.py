@@ -404,9 +404,13 @@ def render_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_p
         f"{cfg.get('cfg_dropout')}, min-SNR-gamma {cfg.get('min_snr_gamma')} loss weighting"
         + (f" with an x0-weight floor of {cfg['snr_floor']}" if cfg.get("snr_floor") else "")
         + (f", latents scaled to std {cfg['latent_std']} (every signal-to-noise ratio of SD's schedule times "
-           f"{cfg['latent_std'] ** 2:.4g})" if cfg.get("latent_std", 1.0) != 1.0 else "") + ", EMA decay "
+           f"{cfg['latent_std'] ** 2:.4g})" if cfg.get("latent_std", 1.0) != 1.0 else "")
+        + (f", the text encoder started as a word table (zero position embedding and residual output "
+           f"projections, its layers frozen for the first {cfg['text_table_steps']} steps)"
+           if cfg.get("text_table_steps") else "") + ", EMA decay "
         f"{cfg.get('ema_decay')}; {'EMA' if training.get('ema') else 'raw'} weights exported): the standard "
-        "epsilon-prediction denoising loss only. Nothing supervises attention."
+        f"{'v' if cfg.get('prediction_type') == 'v_prediction' else 'epsilon'}-prediction denoising loss only. "
+        "Nothing supervises attention."
         + (f" Wall-clock {_hours(ulog['wall_seconds'])} over {ulog['runs']} run(s); loss {ulog['first_loss']:.3f} "
            f"at the first logged step, {ulog['last_loss_mean_of_10']:.3f} at the end (mean of the last 10 logged)."
            if ulog else " Training log not recorded at export."),

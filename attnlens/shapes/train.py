@@ -78,6 +78,16 @@ class UNetConfig:
     # leaves the noisiest steps to the prompt
     latent_std: float = 1.0
     ema_decay: float = 0.999
+    # "epsilon" (SD 1.x) or "v_prediction" (SD 2.x): what the UNet predicts. Under epsilon the x0 that the
+    # noisiest steps imply is the tiny difference of two large terms, so the layout the prompt asks for is
+    # learnt slowly there
+    prediction_type: str = "epsilon"
+    # steps during which the CLIP text encoder behaves as a plain word table: a new run starts its position
+    # embedding and the output projections of its attention and MLP at zero (so each token's state is its
+    # own word, nothing mixed in) and keeps its transformer layers frozen for this many steps. Trained from
+    # scratch with mixing from step 0, the encoder never passes position words on, while a word table
+    # does within a few hundred steps (benchmarks/shapes_text_path.py). 0: CLIP's own initialisation
+    text_table_steps: int = 0
 
 
 TINY_VAE = VAEConfig(block_out_channels=(8, 8, 8), norm_num_groups=4, batch=4)
@@ -143,7 +153,7 @@ def build_unet(cfg: UNetConfig, latent_channels: int = 4, sample_size: int = 16)
     )
 
 
-def build_scheduler():
+def build_scheduler(prediction_type: str = "epsilon"):
     from diffusers import DDIMScheduler
 
     # Stable Diffusion 1.x's training schedule.
@@ -155,6 +165,7 @@ def build_scheduler():
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
+        prediction_type=prediction_type,
     )
 
 
@@ -289,6 +300,21 @@ def latent_scale(vae, n: int = 512, seed: int = 20_000) -> float:
     return float(1.0 / z.std())
 
 
+def _text_layers(text: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters of the CLIP text encoder's transformer layers (not its embeddings or final norm)."""
+    return [p for name, p in text.named_parameters() if ".layers." in f".{name}"]
+
+
+def start_as_word_table(text: torch.nn.Module) -> None:
+    """Zero the position embedding and every residual branch's output projection of a CLIP text encoder:
+    each token's state is then the final layer norm of its own embedding row (see UNetConfig.text_table_steps)."""
+    with torch.no_grad():
+        for name, p in text.named_parameters():
+            if "position_embedding" in name or name.endswith(("out_proj.weight", "out_proj.bias",
+                                                               "fc2.weight", "fc2.bias")):
+                p.zero_()
+
+
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters()):
@@ -299,26 +325,50 @@ OVERRIDABLE = ("snr_floor", "latent_std")
 """Recipe fields a resumed run may change (each change is recorded in the checkpoint and the card)."""
 
 
+FIXED_AT_START = ("prediction_type", "text_table_steps")
+"""Recipe fields set when a run starts; a resumed run keeps its checkpoint's."""
+
+
 def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every: int,
-               snr_floor: float | None = None, latent_std: float | None = None) -> None:
+               snr_floor: float | None = None, latent_std: float | None = None,
+               prediction_type: str | None = None, text_table_steps: int | None = None) -> None:
     """Train (or resume) the text encoder and UNet.
 
     ``snr_floor`` and ``latent_std`` left ``None`` keep the checkpoint's values (``cfg``'s for a new
     run); a number overrides it and, on resuming, is recorded as a recipe change. A changed
     ``latent_std`` rescales the latents from the next step on (``scaling_factor`` follows it).
+    ``prediction_type`` and ``text_table_steps`` (see :class:`UNetConfig`) are fixed when a run starts:
+    ``None`` takes the checkpoint's (``cfg``'s for a new run), and a different value for a resumed run is
+    an error.
     """
     from .._tokenizer import load_tokenizer
 
+    fixed = {"prediction_type": prediction_type, "text_table_steps": text_table_steps}
+    sidecar = workdir / "unet.safetensors.json"
+    if sidecar.exists():  # resuming: the run's own values (older checkpoints lack the keys: the defaults)
+        saved = json.loads(sidecar.read_text())["meta"]["config"]
+        kept = {k: saved.get(k, getattr(UNetConfig(), k)) for k in FIXED_AT_START}
+        clash = {k: (kept[k], v) for k, v in fixed.items() if v is not None and v != kept[k]}
+        if clash:
+            raise SystemExit(f"{workdir} was started with " + ", ".join(f"{k}={a!r}" for k, (a, _) in clash.items())
+                             + "; these are fixed when a run starts (start a new --workdir to change them)")
+        cfg = replace(cfg, **kept)
+    else:
+        cfg = replace(cfg, **{k: v for k, v in fixed.items() if v is not None})
+    if cfg.prediction_type not in ("epsilon", "v_prediction"):
+        raise SystemExit(f"unknown prediction_type {cfg.prediction_type!r}; valid: 'epsilon', 'v_prediction'")
     torch.manual_seed(seed)
     vae = _load_vae(workdir)
     tokenizer = load_tokenizer()
     text = build_text_encoder(cfg)
+    if cfg.text_table_steps:
+        start_as_word_table(text)  # a resumed run loads its trained weights over this
     unet = build_unet(cfg, latent_channels=vae.config.latent_channels)
     ema_text, ema_unet = copy.deepcopy(text).requires_grad_(False), copy.deepcopy(unet).requires_grad_(False)
     params = list(text.parameters()) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, steps))
-    noise_sched = build_scheduler()
+    noise_sched = build_scheduler(cfg.prediction_type)
     alphas = noise_sched.alphas_cumprod
     snr = alphas / (1 - alphas)
     ckpt = workdir / "unet.safetensors"
@@ -350,7 +400,11 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
     ds = ShapesDataset(10**9, seed=seed + 1)
     log = workdir / "unet_log.jsonl"
     t0 = time.time()
+    layers = _text_layers(text)
     for step in _progress(range(start, steps), steps, start, "unet"):
+        if step in (start, cfg.text_table_steps):
+            for p in layers:  # frozen while the encoder is a word table
+                p.requires_grad_(step >= cfg.text_table_steps)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
         b = _batch(ds, step, cfg.batch)
         prompts = ["" if torch.rand((), generator=gen) < cfg.cfg_dropout else p for p in b["prompt"]]
@@ -363,9 +417,14 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
         zt = noise_sched.add_noise(z0, noise, t)
         cond = text(ids).last_hidden_state
         pred = unet(zt, t, encoder_hidden_states=cond).sample
-        # min-SNR-gamma on the epsilon objective, plus the optional floor (see UNetConfig.snr_floor)
-        weight = (torch.clamp(snr[t], max=cfg.min_snr_gamma) + cfg.snr_floor) / snr[t]
-        loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        # min-SNR-gamma plus the optional floor (see UNetConfig.snr_floor), as an x0 weight turned into the
+        # weight of the predicted quantity: x0 errors are snr times smaller than epsilon's, snr + 1 than v's
+        x0_weight = torch.clamp(snr[t], max=cfg.min_snr_gamma) + cfg.snr_floor
+        if cfg.prediction_type == "v_prediction":
+            weight, target = x0_weight / (snr[t] + 1), noise_sched.get_velocity(z0, noise, t)
+        else:
+            weight, target = x0_weight / snr[t], noise
+        loss = (weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -414,7 +473,7 @@ def export(workdir: Path, out: Path, use_ema: bool = True) -> Path:
     load_checkpoint(ckpt, {key[0]: text, key[1]: unet}, {})
     vae.register_to_config(scaling_factor=meta["scaling_factor"])
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=load_tokenizer(), unet=unet,
-                                   scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
+                                   scheduler=build_scheduler(cfg.prediction_type), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.to(torch.float16)
     pipe.save_pretrained(out, safe_serialization=True)
@@ -461,6 +520,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latent-std", type=float, default=None,
                         help="unet: the std latents are scaled to (UNetConfig.latent_std; default: the checkpoint's "
                         "value, or 1 for a new run, as in Stable Diffusion)")
+    parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
+                        help="unet, new runs: what the UNet predicts (UNetConfig.prediction_type; default epsilon, as "
+                        "in SD 1.x)")
+    parser.add_argument("--text-table-steps", type=int, default=None,
+                        help="unet, new runs: steps the text encoder starts as a word table with frozen layers "
+                        "(UNetConfig.text_table_steps; default 0)")
     parser.add_argument("--out", type=Path, help="export, card: the diffusers folder to write")
     parser.add_argument("--results", type=Path, default=None,
                         help="card: the quality bar's results (default benchmarks/results/shapes_quality.json)")
@@ -473,7 +538,8 @@ def main(argv: list[str] | None = None) -> None:
                   args.save_every, args.eval_every)
     elif args.stage == "unet":
         train_unet(args.workdir, args.steps, TINY_UNET if args.tiny else UNetConfig(), args.seed, args.save_every,
-                   snr_floor=args.snr_floor, latent_std=args.latent_std)
+                   snr_floor=args.snr_floor, latent_std=args.latent_std,
+                   prediction_type=args.prediction_type, text_table_steps=args.text_table_steps)
     elif args.stage == "card":
         from .card import RESULTS, write_card
 
