@@ -120,9 +120,16 @@ def embedding_norms(pipe, n_prompts: int = 2000, seed: int = 0) -> dict:
 
 
 @torch.no_grad()
+def _encode(pipe, pixels: np.ndarray) -> torch.Tensor:
+    """Scaled VAE posterior means (n, 4, 16, 16) of images (n, 64, 64, 3) in [-1, 1], 128 at a time."""
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(pipe.vae.dtype)
+    return torch.cat([pipe.vae.encode(x[i : i + 128]).latent_dist.mean.float()
+                      for i in range(0, len(x), 128)]) * pipe.vae.config.scaling_factor
+
+
+@torch.no_grad()
 def latent_detectability(pipe, n: int, seed: int) -> dict:
     """Matched-filter d' of a position change and of a colour change in the noisy latent, per timestep."""
-    vae, scale = pipe.vae, pipe.vae.config.scaling_factor
     rng = np.random.default_rng(seed)
     base = [shapes.sample_scene(rng, position="center") for _ in range(n)]
     variants = {
@@ -131,9 +138,7 @@ def latent_detectability(pipe, n: int, seed: int) -> dict:
     }
 
     def encode(scenes):
-        x = torch.from_numpy(np.stack([shapes.render(s)[0] for s in scenes])).permute(0, 3, 1, 2)
-        x = x.to(vae.dtype) / 127.5 - 1
-        return vae.encode(x).latent_dist.mean.float() * scale
+        return _encode(pipe, np.stack([shapes.render(s)[0] for s in scenes]).astype(np.float32) / 127.5 - 1)
 
     z0 = encode(base)
     alphas = pipe.scheduler.alphas_cumprod.double()
@@ -164,13 +169,10 @@ def _explained(x: np.ndarray, labels: np.ndarray) -> float:
 @torch.no_grad()
 def mean_image_shares(pipe, n: int, seed: int) -> dict:
     """Variance share of each attribute's conditional mean image, in pixels and in the scaled latent."""
-    vae, scale = pipe.vae, pipe.vae.config.scaling_factor
     rng = np.random.default_rng(seed)
     scenes = [shapes.sample_scene(rng) for _ in range(n)]
     pixels = np.stack([shapes.render(s)[0] for s in scenes]).astype(np.float32) / 127.5 - 1  # (n, 64, 64, 3)
-    x = torch.from_numpy(pixels).permute(0, 3, 1, 2)
-    z = torch.cat([vae.encode(x[i : i + 128].to(vae.dtype)).latent_dist.mean.float() * scale
-                   for i in range(0, n, 128)])
+    z = _encode(pipe, pixels)
     spaces = {"pixels": pixels.reshape(n, -1).astype(np.float64), "latent": z.reshape(n, -1).double().numpy()}
     labels = {a: np.array([getattr(s, a) for s in scenes]) for a in shapes.ATTRIBUTES}
     colour_bg = np.char.add(np.char.add(labels["colour"], "|"), labels["background"])
