@@ -153,14 +153,14 @@ def latent_detectability(pipe, n: int, seed: int) -> dict:
 
 def _explained(x: np.ndarray, labels: np.ndarray) -> float:
     """Bias-corrected share of the variance of ``x`` (n, d) explained by the group means of ``labels``."""
-    n = len(x)
-    total = float(((x - x.mean(0)) ** 2).sum())
+    n, mean = len(x), x.mean(0)
+    total = float(((x - mean) ** 2).sum())
     between = within = 0.0
     groups = np.unique(labels)
     for g in groups:
         xs = x[labels == g]
         m = xs.mean(0)
-        between += len(xs) * float(((m - x.mean(0)) ** 2).sum())
+        between += len(xs) * float(((m - mean) ** 2).sum())
         within += float(((xs - m) ** 2).sum())
     # under no effect the between-group sum of squares is (k - 1) times the within-group mean square
     return (between - (len(groups) - 1) * within / max(1, n - len(groups))) / total

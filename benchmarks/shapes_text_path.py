@@ -43,7 +43,7 @@ if str(ROOT) not in sys.path:
 import attnlens  # noqa: E402
 from attnlens import shapes  # noqa: E402
 from attnlens.shapes.card import fingerprint  # noqa: E402
-from attnlens.shapes.train import UNetConfig, _lr_lambda, build_text_encoder, build_unet  # noqa: E402
+from attnlens.shapes.train import TINY_UNET, UNetConfig, _lr_lambda, build_text_encoder, build_unet  # noqa: E402
 
 T = 999
 SWAPPED = ("position", "colour", "shape")
@@ -80,7 +80,7 @@ def held_out(pipe, n: int, seed: int) -> dict:
         swapped = []
         for s in scenes:
             others = [v for v in shapes.ATTRIBUTES[attribute] if v != getattr(s, attribute)]
-            swapped.append(shapes.describe(dataclasses.replace(s, **{attribute: others[int(rng.integers(len(others)))]})))
+            swapped.append(shapes.describe(shapes.with_attribute(s, **{attribute: others[int(rng.integers(len(others)))]})))
         prompts[attribute] = swapped
     return {"z": encode_scenes(pipe, scenes), "prompts": prompts}
 
@@ -157,11 +157,10 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     pipe = attnlens.load_pipeline(args.model, device="cpu", dtype=torch.float32)
-    examples = [shapes.ShapesDataset(args.scenes, seed=args.seed + 1).example(i) for i in range(args.scenes)]
+    dataset = shapes.ShapesDataset(args.scenes, seed=args.seed + 1)
+    examples = [dataset.example(i) for i in range(args.scenes)]
     data = {"z": encode_scenes(pipe, [e.scene for e in examples]), "prompts": [e.prompt for e in examples]}
     held = held_out(pipe, args.held_out, args.seed + 777)
-    from attnlens.shapes.train import TINY_UNET
-
     cfg = TINY_UNET if args.tiny else UNetConfig()
     arms = {arm: train_arm(arm, cfg, pipe, data, held, args.steps, args.eval_every, args.seed)
             for arm in ("clip", "word_table")}

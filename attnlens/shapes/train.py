@@ -344,17 +344,7 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
     from .._tokenizer import load_tokenizer
 
     fixed = {"prediction_type": prediction_type, "text_table_steps": text_table_steps}
-    sidecar = workdir / "unet.safetensors.json"
-    if sidecar.exists():  # resuming: the run's own values (older checkpoints lack the keys: the defaults)
-        saved = json.loads(sidecar.read_text())["meta"]["config"]
-        kept = {k: saved.get(k, getattr(UNetConfig(), k)) for k in FIXED_AT_START}
-        clash = {k: (kept[k], v) for k, v in fixed.items() if v is not None and v != kept[k]}
-        if clash:
-            raise SystemExit(f"{workdir} was started with " + ", ".join(f"{k}={a!r}" for k, (a, _) in clash.items())
-                             + "; these are fixed when a run starts (start a new --workdir to change them)")
-        cfg = replace(cfg, **kept)
-    else:
-        cfg = replace(cfg, **{k: v for k, v in fixed.items() if v is not None})
+    cfg = replace(cfg, **{k: v for k, v in fixed.items() if v is not None})  # a resumed run checks them below
     if cfg.prediction_type not in ("epsilon", "v_prediction"):
         raise SystemExit(f"unknown prediction_type {cfg.prediction_type!r}; valid: 'epsilon', 'v_prediction'")
     torch.manual_seed(seed)
@@ -368,9 +358,6 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
     params = list(text.parameters()) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, steps))
-    noise_sched = build_scheduler(cfg.prediction_type)
-    alphas = noise_sched.alphas_cumprod
-    snr = alphas / (1 - alphas)
     ckpt = workdir / "unet.safetensors"
     modules = {"text": text, "unet": unet, "ema_text": ema_text, "ema_unet": ema_unet}
     start, scale, changes = 0, None, []
@@ -381,7 +368,12 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
         changes = list(meta.get("recipe_changes", []))
         # keys older checkpoints lack take the values those runs used (the defaults of their time)
         old = {**asdict(UNetConfig()), "latent_std": 1.0, **meta["config"]}
-        cfg = replace(cfg, **{k: old[k] if given[k] is None else given[k] for k in OVERRIDABLE})
+        clash = {k: old[k] for k, v in fixed.items() if v is not None and v != old[k]}
+        if clash:
+            raise SystemExit(f"{workdir} was started with " + ", ".join(f"{k}={v!r}" for k, v in clash.items())
+                             + "; these are fixed when a run starts (start a new --workdir to change them)")
+        cfg = replace(cfg, **{k: old[k] for k in FIXED_AT_START},
+                      **{k: old[k] if given[k] is None else given[k] for k in OVERRIDABLE})
         if cfg.latent_std != old["latent_std"]:
             scale = scale / old["latent_std"] * cfg.latent_std
         diff = {k: [old[k], v] for k, v in asdict(cfg).items() if old.get(k) != (list(v) if isinstance(v, tuple) else v)}
@@ -397,6 +389,9 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
         cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
     if scale is None:
         scale = latent_scale(vae) * cfg.latent_std
+    noise_sched = build_scheduler(cfg.prediction_type)
+    alphas = noise_sched.alphas_cumprod
+    snr = alphas / (1 - alphas)
     ds = ShapesDataset(10**9, seed=seed + 1)
     log = workdir / "unet_log.jsonl"
     t0 = time.time()
