@@ -6,7 +6,9 @@ with a prompt naming the scene's true value of the attribute ("a photo of a star
 the same prompt naming another value ("a photo of a star at the top": same template, one value
 swapped at random). If the model uses the word, the wrong prompt predicts the noise worse. The gap is
 reported as the relative increase of the epsilon MSE, ``(wrong - right) / right``, per timestep, with
-a 95% interval over the scenes (paired differences). A gap of zero says the model ignores that word at
+a 95% interval over the scenes (paired differences). A v-prediction model's output is converted to
+epsilon first; at a fixed timestep the epsilon, x0 and v errors are proportional, so the relative gap
+does not depend on the parametrisation. A gap of zero says the model ignores that word at
 that noise level, whatever the images look like.
 
 This is a diagnostic, not part of the quality bar: it tells whether more training of the same recipe
@@ -71,14 +73,18 @@ def gaps(pipe, attribute: str, n: int, seed: int) -> dict:
         return pipe.text_encoder(ids)[0]
 
     cond_right, cond_wrong = embed(right), embed(wrong)
+    v_pred = getattr(pipe.scheduler.config, "prediction_type", "epsilon") == "v_prediction"
     out = {"example": {"right": right[0], "wrong": wrong[0]}, "timesteps": {}}
     for t in TIMESTEPS:
         noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed * 1000 + t))
         tt = torch.full((n,), t, dtype=torch.long)
         zt = pipe.scheduler.add_noise(z0, noise, tt).to(pipe.unet.dtype)
+        a = pipe.scheduler.alphas_cumprod[t]
         err = {}
         for name, cond in (("right", cond_right), ("wrong", cond_wrong)):
             pred = pipe.unet(zt, tt, encoder_hidden_states=cond).sample.float()
+            if v_pred:  # v = sqrt(a) eps - sqrt(1-a) x0, so eps = sqrt(a) v + sqrt(1-a) x_t
+                pred = a.sqrt() * pred + (1 - a).sqrt() * zt.float()
             err[name] = (pred - noise).pow(2).mean(dim=(1, 2, 3)).numpy()
         base = float(err["right"].mean())
         diff = (err["wrong"] - err["right"]) / base  # paired, relative to the mean right-prompt error
