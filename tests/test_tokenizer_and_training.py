@@ -95,3 +95,48 @@ def test_v_prediction_and_word_table_steps_train_resume_and_export(tmp_path):
     image = pipe("a red star", num_inference_steps=2, guidance_scale=3.0, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 64, 64, 3)
+
+
+def test_pack_and_unpack_resume_a_run_on_another_machine(tmp_path):
+    from safetensors.torch import load_file
+
+    work, elsewhere = tmp_path / "run", tmp_path / "next_machine"
+    train.main(["vae", "--tiny", "--workdir", str(work), "--steps", "1", "--save-every", "1", "--eval-every", "1000"])
+    train.main(["unet", "--tiny", "--workdir", str(work), "--steps", "3", "--save-every", "1",
+                "--prediction-type", "v_prediction"])
+    pack = tmp_path / "pack.safetensors"
+    with (work / "unet_log.jsonl").open("a") as f:  # a 3-step run logs nothing (every 50 steps): one line to carry
+        f.write(json.dumps({"step": 3, "loss": 0.5, "lr": 1e-5, "s": 1.0}) + "\n")
+    train.main(["pack", "--workdir", str(work), "--pack", str(pack)])
+    assert pack.stat().st_size < (work / "unet.safetensors").stat().st_size / 5
+    (elsewhere).mkdir()
+    for suffix in ("", ".json"):  # the VAE stage travels separately (checkpoints/shapes-vae.safetensors)
+        (elsewhere / f"vae.safetensors{suffix}").write_bytes((work / f"vae.safetensors{suffix}").read_bytes())
+    train.main(["unpack", "--workdir", str(elsewhere), "--pack", str(pack)])
+    full, back = load_file(str(work / "unet.safetensors")), load_file(str(elsewhere / "unet.safetensors"))
+    assert full.keys() == back.keys()
+    emb = next(k for k in full if k.startswith("text/") and k.endswith("embeddings.token_embedding.weight"))
+    sq = next(k for k, v in full.items() if k.endswith("/exp_avg_sq") and v.shape == full[emb].shape)
+    rows = full[sq].abs().sum(1) > 0
+    assert 0 < int(rows.sum()) < 200  # a few prompt tokens out of 49,408
+    for key, value in full.items():
+        if key.endswith("/exp_avg"):
+            assert not back[key].any()  # the first moment restarts at zero
+        elif key.endswith("/exp_avg_sq"):
+            torch.testing.assert_close(back[key], value, rtol=1e-2, atol=0)
+        elif key.endswith("embeddings.token_embedding.weight"):  # the rows training used, rounded to fp16
+            torch.testing.assert_close(back[key][rows], value[rows].half().float(), rtol=0, atol=0)
+        elif value.is_floating_point():
+            torch.testing.assert_close(back[key], value.half().float(), rtol=0, atol=0)
+    # the rows no prompt used come back as the run's seeded initialisation, which training never changed
+    # but for weight decay
+    torch.manual_seed(0)
+    train._load_vae(work)
+    init = train.build_text_encoder(train.TINY_UNET).get_input_embeddings().weight.detach()
+    torch.testing.assert_close(back[emb][~rows], init[~rows], rtol=0, atol=0)
+    torch.testing.assert_close(full[emb][~rows], init[~rows], rtol=1e-4, atol=0)
+    meta = json.loads((elsewhere / "unet.safetensors.json").read_text())["meta"]
+    assert meta["step"] == 3 and meta["recipe_changes"][-1] == {"step": 3, "changed": {"resumed_from_pack": [False, True]}}
+    assert (elsewhere / "unet_log.jsonl").read_text() == (work / "unet_log.jsonl").read_text()
+    train.main(["unet", "--tiny", "--workdir", str(elsewhere), "--steps", "4", "--save-every", "1"])
+    assert json.loads((elsewhere / "unet.safetensors.json").read_text())["meta"]["step"] == 4

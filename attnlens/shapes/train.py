@@ -13,6 +13,12 @@ Usage::
     python benchmarks/shapes_quality.py      # the quality bar, then rewrite the model card with it:
     python -m attnlens.shapes.train card --out attnlens/models/shapes
 
+A run that must outlive its machine is packed into a file small enough to commit, and unpacked on the
+next machine (see :func:`pack`)::
+
+    python -m attnlens.shapes.train pack   --workdir runs/shapes   # -> checkpoints/shapes-unet-resume.safetensors
+    python -m attnlens.shapes.train unpack --workdir runs/shapes   # then resume with the unet stage
+
 The objective is the standard one of each part (reconstruction + KL for the VAE, the epsilon
 denoising loss for the UNet, with min-SNR weighting); nothing supervises attention.
 """
@@ -448,6 +454,113 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
                              "scaling_factor": scale, "recipe_changes": changes})
 
 
+PACK = Path(__file__).resolve().parents[2] / "checkpoints" / "shapes-unet-resume.safetensors"
+"""Where ``pack`` writes by default: beside the finished VAE stage, small enough to commit."""
+
+
+def pack(workdir: Path, out: Path = PACK) -> Path:
+    """Write a compact, resumable copy of ``workdir``'s UNet-stage checkpoint to ``out`` (+ ``out.json``).
+
+    A training run outlives the machine it runs on only through what is committed, and the full
+    checkpoint (fp32 weights, EMA, both Adam moments, all 49,408 token-embedding rows) is about 180 MB.
+    The pack keeps what resuming needs, at about a sixth of that:
+
+    - the weights and the EMA weights in fp16 (rounding them once moves a weight by less than one Adam
+      step at this learning rate);
+    - Adam's second moment in bf16 (its values span more than fp16's range); the first moment is dropped
+      and restarts at zero (with beta1 = 0.9 it is rebuilt within about ten steps);
+    - of the token embedding, only the rows that training has looked up (a non-zero second moment):
+      the rows no Shapes prompt uses never receive a gradient, and :func:`unpack` restores them from the
+      run's seeded initialisation.
+
+    The sidecar keeps the checkpoint's metadata, the optimizer's settings and the training log.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from .._tokenizer import VOCAB_SIZE
+
+    ckpt = Path(workdir) / "unet.safetensors"
+    if not ckpt.exists():
+        raise SystemExit(f"no UNet checkpoint at {ckpt}: nothing to pack")
+    tensors = load_file(str(ckpt))
+    side = json.loads(ckpt.with_name(ckpt.name + ".json").read_text())
+    embedding = "embeddings.token_embedding.weight"  # under text/ and ema_text/ (with or without text_model.)
+    state_index = next(k.split("#")[1].split("/")[0] for k, v in tensors.items()
+                       if k.startswith("opt#") and k.endswith("/exp_avg_sq") and v.shape[0] == VOCAB_SIZE)
+    rows = torch.nonzero(tensors[f"opt#{state_index}/exp_avg_sq"].abs().sum(1) > 0).flatten()
+    packed: dict[str, torch.Tensor] = {"embedding_rows": rows}
+    for key, value in tensors.items():
+        if key.endswith("/exp_avg"):
+            continue
+        if key.endswith(embedding) or key == f"opt#{state_index}/exp_avg_sq":
+            value = value[rows]
+        dtype = torch.bfloat16 if key.endswith("/exp_avg_sq") else torch.float16
+        packed[key] = value.to(dtype) if value.is_floating_point() else value
+    log = Path(workdir) / "unet_log.jsonl"
+    side["pack"] = {"embedding_state_index": int(state_index), "vocab_size": VOCAB_SIZE,
+                    "log": log.read_text().splitlines() if log.exists() else []}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from ._checkpoint import _atomic_write
+
+    _atomic_write(out, lambda tmp: save_file(packed, str(tmp)))
+    _atomic_write(out.with_name(out.name + ".json"), lambda tmp: tmp.write_text(json.dumps(side)))
+    return out
+
+
+def unpack(src: Path, workdir: Path, vae: Path | None = None) -> Path:
+    """Rebuild a resumable ``workdir/unet.safetensors`` (and its training log) from :func:`pack`'s file.
+
+    The workdir needs the VAE the run trained on (``vae.safetensors``); when it has none it is copied
+    from ``vae`` (default: ``checkpoints/shapes-vae.safetensors``, the shipped VAE stage). The unpacked
+    run resumes at the packed step; the switch to rounded weights and a reset first moment is recorded
+    as a recipe change, so the model card reports it.
+    """
+    from safetensors.torch import load_file, save_file
+
+    src, workdir = Path(src), Path(workdir)
+    packed = load_file(str(src))
+    side = json.loads(src.with_name(src.name + ".json").read_text())
+    info = side.pop("pack")
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not (workdir / "vae.safetensors").exists():
+        vae = Path(vae or PACK.with_name("shapes-vae.safetensors"))
+        for suffix in ("", ".json"):
+            shutil.copyfile(f"{vae}{suffix}", workdir / f"vae.safetensors{suffix}")
+    meta = side["meta"]
+    cfg = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
+    torch.manual_seed(meta["seed"])  # the order train_unet builds its modules in, so the same initialisation
+    _load_vae(workdir)
+    init = build_text_encoder(cfg).get_input_embeddings().weight.detach()
+    rows = packed.pop("embedding_rows")
+    embedding = "embeddings.token_embedding.weight"  # under text/ and ema_text/ (with or without text_model.)
+    sq = f"opt#{info['embedding_state_index']}/exp_avg_sq"
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in packed.items():
+        value = value.float() if value.is_floating_point() else value
+        if key.endswith(embedding):
+            full = init.clone()
+            full[rows] = value
+            value = full
+        elif key == sq:
+            full = torch.zeros(info["vocab_size"], value.shape[1])
+            full[rows] = value
+            value = full
+        tensors[key] = value
+        if key.endswith("/exp_avg_sq"):
+            tensors[key[: -len("_sq")]] = torch.zeros_like(value)
+    meta.setdefault("recipe_changes", []).append(
+        {"step": meta["step"], "changed": {"resumed_from_pack": [False, True]}})
+    ckpt = workdir / "unet.safetensors"
+    from ._checkpoint import _atomic_write
+
+    _atomic_write(ckpt, lambda tmp: save_file(tensors, str(tmp)))
+    _atomic_write(ckpt.with_name(ckpt.name + ".json"), lambda tmp: tmp.write_text(json.dumps(side)))
+    if info["log"]:
+        (workdir / "unet_log.jsonl").write_text("\n".join(info["log"]) + "\n")
+    return ckpt
+
+
 def link_or_copy(src: Path, dst: Path) -> None:
     """Put ``src`` at ``dst``: a relative symbolic link when both lie inside the attnlens package (the
     embedded model's tokenizer files are the package's own, kept once in the repository), else a copy."""
@@ -508,7 +621,7 @@ def export(workdir: Path, out: Path, use_ema: bool = True) -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m attnlens.shapes.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["vae", "unet", "export", "card"],
+    parser.add_argument("stage", choices=["vae", "unet", "export", "card", "pack", "unpack"],
                         help="card: rewrite the model card (README.md) of the --out folder from its training.json and "
                         "benchmarks/results/shapes_quality.json (run it after benchmarks/shapes_quality.py)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/shapes"))
@@ -531,6 +644,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="unet, new runs: steps the text encoder starts as a word table with frozen layers "
                         "(UNetConfig.text_table_steps; default 0)")
     parser.add_argument("--out", type=Path, help="export, card: the diffusers folder to write")
+    parser.add_argument("--pack", type=Path, default=PACK,
+                        help="pack, unpack: the compact resumable copy of the UNet stage to write or read "
+                        "(default checkpoints/shapes-unet-resume.safetensors)")
     parser.add_argument("--results", type=Path, default=None,
                         help="card: the quality bar's results (default benchmarks/results/shapes_quality.json)")
     args = parser.parse_args(argv)
@@ -544,6 +660,10 @@ def main(argv: list[str] | None = None) -> None:
         train_unet(args.workdir, args.steps, TINY_UNET if args.tiny else UNetConfig(), args.seed, args.save_every,
                    snr_floor=args.snr_floor, latent_std=args.latent_std,
                    prediction_type=args.prediction_type, text_table_steps=args.text_table_steps)
+    elif args.stage == "pack":
+        print(pack(args.workdir, args.pack))
+    elif args.stage == "unpack":
+        print(unpack(args.pack, args.workdir))
     elif args.stage == "card":
         from .card import RESULTS, write_card
 
