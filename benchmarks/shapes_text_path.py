@@ -1,6 +1,6 @@
-"""Is position lost in the text encoder or in the UNet? Two short trainings on the same data tell.
+"""Is position lost in the text encoder or in the UNet? Three short trainings on the same data tell.
 
-Both arms train a fresh Shapes UNet (the embedded model's architecture) from the same seed on the same
+Every arm trains a fresh Shapes UNet (the embedded model's architecture) from the same seed on the same
 latents (renders encoded by the embedded model's VAE, times its ``scaling_factor``), at the noisiest
 training step only (t = 999, where the latent shows nothing and the prompt is all there is to go by),
 with v-prediction and plain x0-weighted MSE. They differ only in what turns the prompt's tokens into the
@@ -8,18 +8,24 @@ UNet's ``encoder_hidden_states`` (77 x width):
 
 - ``clip``: a fresh ``CLIPTextModel`` of the embedded model's shape (what the real training uses);
 - ``word_table``: a plain word table, the token's embedding row followed by a layer norm, with no
-  mixing between tokens and no position embedding.
+  mixing between tokens and no position embedding;
+- ``clip_table_start``: the same ``CLIPTextModel`` started as a word table and kept one for its first
+  ``--table-steps`` steps, then trained for ``--steps`` more (the training recipe's ``--text-table-steps``,
+  see ``attnlens.shapes.train.start_as_word_table``): its position embedding and the output projections
+  of its attention and MLP start at zero and its transformer layers stay frozen, so each token's state
+  is its own word until the layers start to train.
 
 Every ``--eval-every`` steps each arm predicts x0 for held-out scenes, once with the scene's full
 canonical prompt and once with one attribute's value swapped ("on the left" for "on the right"), and
 reports the *gain* ``(mse_swapped - mse_right) / mse_swapped`` per attribute: 0 says the word is
 ignored. If the word table learns position words quickly while the CLIP encoder does not, the UNet can
-place an object from a word and position is lost on the text side.
+place an object from a word and position is lost on the text side; the third arm tells whether the
+CLIP encoder keeps passing position words on once its layers train after starting as a table.
 
 A diagnostic for whoever trains the next model; it does not enter the quality bar. Writes
 ``benchmarks/results/shapes_text_path.json``.
 
-    python benchmarks/shapes_text_path.py                     # ~7 minutes on 2 cores
+    python benchmarks/shapes_text_path.py                     # ~16 minutes on 2 cores
     python benchmarks/shapes_text_path.py --steps 300 --out /tmp/text_path.json
 """
 
@@ -43,10 +49,12 @@ if str(ROOT) not in sys.path:
 import attnlens  # noqa: E402
 from attnlens import shapes  # noqa: E402
 from attnlens.shapes.card import fingerprint  # noqa: E402
-from attnlens.shapes.train import TINY_UNET, UNetConfig, _lr_lambda, build_text_encoder, build_unet  # noqa: E402
+from attnlens.shapes.train import (  # noqa: E402
+    TINY_UNET, UNetConfig, _lr_lambda, _text_layers, build_text_encoder, build_unet, start_as_word_table)
 
 T = 999
 SWAPPED = ("position", "colour", "shape")
+ARMS = ("clip", "word_table", "clip_table_start")
 
 
 class WordTable(torch.nn.Module):
@@ -109,10 +117,21 @@ def swap_gains(text, unet, tokenizer, alpha_bar: torch.Tensor, held: dict) -> di
 
 
 def train_arm(arm: str, cfg: UNetConfig, pipe, data: dict, held: dict, steps: int, eval_every: int,
-              seed: int) -> list[dict]:
-    """Train one arm from scratch at t=999 and return its gains every ``eval_every`` steps."""
+              seed: int, table_steps: int = 0) -> list[dict]:
+    """Train one arm from scratch at t=999 and return its gains every ``eval_every`` steps.
+
+    ``clip_table_start`` trains ``table_steps + steps`` steps, its text layers frozen for the first
+    ``table_steps``.
+    """
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r}; valid: {', '.join(ARMS)}")
     torch.manual_seed(seed)
-    text = build_text_encoder(cfg) if arm == "clip" else WordTable(len(pipe.tokenizer), cfg.text_width)
+    text = WordTable(len(pipe.tokenizer), cfg.text_width) if arm == "word_table" else build_text_encoder(cfg)
+    frozen = []
+    if arm == "clip_table_start":
+        start_as_word_table(text)
+        frozen = _text_layers(text)
+        steps += table_steps
     unet = build_unet(cfg, latent_channels=data["z"].shape[1], sample_size=data["z"].shape[-1])
     params = list(text.parameters()) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
@@ -120,6 +139,9 @@ def train_arm(arm: str, cfg: UNetConfig, pipe, data: dict, held: dict, steps: in
     alpha_bar = pipe.scheduler.alphas_cumprod[T].float()
     history = []
     for step in range(steps):
+        if frozen and step in (0, table_steps):
+            for p in frozen:
+                p.requires_grad_(step >= table_steps)
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         idx = torch.randint(0, len(data["z"]), (cfg.batch,), generator=g)
         z0 = data["z"][idx]
@@ -147,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default=None, help="diffusers folder whose VAE encodes the data (default: embedded)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--table-steps", type=int, default=200,
+                    help="clip_table_start: steps its text layers stay frozen before its --steps (default 200)")
     ap.add_argument("--scenes", type=int, default=4096, help="training scenes (default 4096)")
     ap.add_argument("--held-out", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
@@ -162,13 +186,14 @@ def main(argv: list[str] | None = None) -> dict:
     data = {"z": encode_scenes(pipe, [e.scene for e in examples]), "prompts": [e.prompt for e in examples]}
     held = held_out(pipe, args.held_out, args.seed + 777)
     cfg = TINY_UNET if args.tiny else UNetConfig()
-    arms = {arm: train_arm(arm, cfg, pipe, data, held, args.steps, args.eval_every, args.seed)
-            for arm in ("clip", "word_table")}
+    arms = {arm: train_arm(arm, cfg, pipe, data, held, args.steps, args.eval_every, args.seed, args.table_steps)
+            for arm in ARMS}
     record = {
-        "command": "python benchmarks/shapes_text_path.py" + (f" --steps {args.steps}" if args.steps != 200 else ""),
+        "command": "python benchmarks/shapes_text_path.py" + (f" --steps {args.steps}" if args.steps != 200 else "")
+                   + (f" --table-steps {args.table_steps}" if args.table_steps != 200 else ""),
         "vae_of": str(args.model or "embedded Shapes model"),
         "model_fingerprint": fingerprint(args.model or attnlens._pipeline.EMBEDDED_MODEL) if not args.tiny else None,
-        "timestep": T, "steps": args.steps, "scenes": args.scenes, "held_out": args.held_out, "seed": args.seed,
+        "timestep": T, "steps": args.steps, "table_steps": args.table_steps, "scenes": args.scenes, "held_out": args.held_out, "seed": args.seed,
         "unet_config": dataclasses.asdict(cfg),
         "arms": arms,
         "gain_meaning": "(mse with the attribute's word swapped - mse with the right prompt) / mse swapped, "

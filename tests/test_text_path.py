@@ -1,4 +1,4 @@
-"""benchmarks/shapes_text_path.py: the two-arm training runs end to end and its gain reads 0 for an unchanged word."""
+"""benchmarks/shapes_text_path.py: the three-arm training runs end to end and its gain reads 0 for an unchanged word."""
 
 import importlib.util
 import json
@@ -46,10 +46,38 @@ def test_word_table_states_depend_on_the_token_only(text_path):
 
 def test_both_arms_train_and_record(text_path, tmp_path):
     out = tmp_path / "text_path.json"
-    text_path.main(["--tiny", "--steps", "2", "--eval-every", "1", "--scenes", "16", "--held-out", "4",
-                    "--threads", "1", "--out", str(out)])
+    text_path.main(["--tiny", "--steps", "2", "--table-steps", "1", "--eval-every", "1", "--scenes", "16",
+                    "--held-out", "4", "--threads", "1", "--out", str(out)])
     record = json.loads(out.read_text())
-    assert set(record["arms"]) == {"clip", "word_table"}
-    for history in record["arms"].values():
-        assert [h["step"] for h in history] == [1, 2]
+    assert set(record["arms"]) == {"clip", "word_table", "clip_table_start"}
+    for arm, history in record["arms"].items():  # the table-start arm trains its table steps first
+        assert [h["step"] for h in history] == ([1, 2, 3] if arm == "clip_table_start" else [1, 2])
         assert all(math.isfinite(h[a]) for h in history for a in ("position", "colour", "shape", "mse", "loss"))
+
+
+def test_table_start_arm_keeps_its_text_layers_frozen_then_trains_them(text_path, monkeypatch):
+    """The clip_table_start arm's output projections stay 0 through the table steps and move after."""
+    import attnlens
+    from attnlens.shapes import train as training
+
+    seen = []
+    real = training.start_as_word_table
+
+    def spy(text):
+        real(text)
+        seen.append(text)
+
+    monkeypatch.setattr(text_path, "start_as_word_table", spy)
+    pipe = attnlens.load_pipeline(device="cpu", dtype=torch.float32)
+    data = {"z": torch.randn(8, 4, 16, 16), "prompts": ["a red circle on the left"] * 8}
+    held = text_path.held_out(pipe, 2, seed=0)
+    snapshots = []
+    monkeypatch.setattr(text_path, "swap_gains", lambda text, *a: snapshots.append(
+        [p.detach().clone() for n, p in text.named_parameters() if n.endswith("fc2.weight")]) or
+        {"position": 0.0, "colour": 0.0, "shape": 0.0, "mse": 1.0})
+    with pytest.raises(ValueError, match="valid: clip, word_table, clip_table_start"):
+        text_path.train_arm("clip_table", TINY_UNET, pipe, data, held, 1, 1, 0)
+    text_path.train_arm("clip_table_start", TINY_UNET, pipe, data, held, 2, 1, 0, table_steps=2)
+    assert len(seen) == 1 and len(snapshots) == 4
+    assert all(not w.any() for w in snapshots[0] + snapshots[1])  # frozen at zero during the table steps
+    assert any(w.any() for w in snapshots[3])  # trained afterwards
