@@ -100,6 +100,28 @@ def test_card_reports_embeddings_and_detectability_only_for_these_weights(tmp_pa
     assert "The UNet can learn that interaction" in card and "from scratch for 200 steps at t=999" in card
     assert ("8.1% worse behind the word table, and changes it by +0.0% behind CLIP; swapping the colour word makes it "
             "27.0% and 31.0% worse") in card
+    assert "Where position is lost" in card and "training never pulled them anywhere" in card
+    # a model that uses its position words (the conditioning gap says so) gets the other verdicts, and the
+    # table-start arm of the text-path benchmark is reported
+    cond = tmp_path / "cond.json"
+    gap = {"999": {"gap": 0.2, "ci_low": 0.15, "ci_high": 0.25}, "600": {"gap": 0.0, "ci_low": -0.01, "ci_high": 0.01}}
+    cond.write_text(json.dumps({"command": "python benchmarks/shapes_conditioning.py", "n_per_attribute": 64,
+                                "model_fingerprint": fingerprint(folder), "timesteps": [999, 600],
+                                "attributes": {"position": {"timesteps": gap}}}))
+    record = json.loads(text_path.read_text())
+    record["table_steps"] = 200
+    record["arms"]["clip_table_start"] = [{"position": 0.427, "colour": 0.57}]
+    text_path.write_text(json.dumps(record))
+    card = render_card(folder, tmp_path / "absent.json", conditioning_path=cond, diagnosis_path=path,
+                       text_path_path=text_path)
+    assert "### Position words" in card and "This model uses its position words" in card
+    assert "Where position is lost" not in card and "never pulled" not in card and "only colour words are learnt" not in card
+    assert ("keeps its layers frozen for 200 steps before training them for 200 more: swapping the position word then "
+            "makes the prediction 42.7% worse, the colour word 57.0%. The recipe above starts its text encoder that way.") in card
+    gap["999"]["ci_low"] = 0.005  # within the interval of no effect: the old verdicts
+    cond.write_text(json.dumps({**json.loads(cond.read_text()), "attributes": {"position": {"timesteps": gap}}}))
+    assert "Where position is lost" in render_card(folder, tmp_path / "absent.json", conditioning_path=cond,
+                                                   diagnosis_path=path, text_path_path=text_path)
     shutil.rmtree(folder / "unet")
     tiny_pipeline(seed=1).unet.save_pretrained(folder / "unet", safe_serialization=True)  # other weights
     assert "Where position is lost" not in render_card(folder, tmp_path / "absent.json", diagnosis_path=path)

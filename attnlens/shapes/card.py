@@ -217,46 +217,65 @@ def _conditioning_section(cond: dict | None, folder: Path) -> list[str]:
     return lines
 
 
-def _position_section(diag: dict | None, folder: Path, text_path: dict | None = None) -> list[str]:
-    """Where position is lost: text-encoder distances and query-position R^2 of
-    benchmarks/shapes_position_diagnosis.py, when measured on these weights."""
+POSITION_USED_GAP = 0.01
+"""A model uses its position words when, at some noise level, the lower end of the 95% interval of
+benchmarks/shapes_conditioning.py's position gap is above this (1% of the denoising error)."""
+
+
+def position_words_used(cond: dict | None, folder: Path) -> bool | None:
+    """Whether the conditioning benchmark, measured on these weights, shows the model using position words
+    (None when it was not measured on them)."""
+    if cond is None or cond.get("model_fingerprint") != fingerprint(folder) or "position" not in cond["attributes"]:
+        return None
+    return max(c["ci_low"] for c in cond["attributes"]["position"]["timesteps"].values()) > POSITION_USED_GAP
+
+
+def _position_section(diag: dict | None, folder: Path, text_path: dict | None = None,
+                      used: bool | None = None) -> list[str]:
+    """What the position diagnosis (benchmarks/shapes_position_diagnosis.py) and the text-path training
+    (benchmarks/shapes_text_path.py) measured on these weights. ``used`` (:func:`position_words_used`)
+    picks the verdicts: where position is lost when the model ignores its position words, why the recipe
+    had to help when it uses them."""
     if diag is None or diag.get("model_fingerprint") != fingerprint(folder):
         return []
     text = diag["text_distance"]
     r2 = diag["query_position_r2"]
     t = str(diag["timesteps"][0])
     best = max(r2, key=lambda name: r2[name][t]["inner_half"])
-    L = [
-        "",
-        "### Where position is lost",
-        "",
-        f"`{diag['command']}`: the text encoder's states for prompts that differ in one value are, on average, this far "
-        "apart: " + ", ".join(f"{a} {d:.2f}" for a, d in text.items()) + ". The UNet's cross-attention queries do "
-        f"know where they are: at t={t}, a ridge regression from the queries of `{best}` ({r2[best]['grid']}) to their "
-        f"grid coordinates scores a held-out R^2 of {r2[best][t]['all']:.2f} ({r2[best][t]['inner_half']:.2f} away from "
-        "the border). So the position words are lost on the text side: the encoder maps them to nearly the same states "
-        "(whether as the cause or as a consequence of the UNet never using them, this measurement does not say).",
-    ]
+    distances = (f"`{diag['command']}`: the text encoder's states for prompts that differ in one value are, on average, "
+                 "this far apart: " + ", ".join(f"{a} {d:.2f}" for a, d in text.items()) + ". The UNet's cross-attention "
+                 f"queries know where they are: at t={t}, a ridge regression from the queries of `{best}` "
+                 f"({r2[best]['grid']}) to their grid coordinates scores a held-out R^2 of {r2[best][t]['all']:.2f} "
+                 f"({r2[best][t]['inner_half']:.2f} away from the border).")
+    L = ["", "### Position words" if used else "### Where position is lost", ""]
+    if used:
+        L.append(distances + " This model uses its position words (the gap above); the measurements below say why a "
+                 "recipe has to help it to.")
+    else:
+        L.append(distances + " So the position words are lost on the text side: the encoder maps them to nearly the "
+                 "same states (whether as the cause or as a consequence of the UNet never using them, this measurement "
+                 "does not say).")
     norms, detect = diag.get("embedding_norm"), diag.get("latent_detectability")
     if norms:
         L.append("")
-        L.append("The position words' input embeddings have hardly moved: their mean norm is "
-                 f"{norms['position']:.3f}, against {norms['unseen_tokens']:.3f} for tokens no prompt contains (still "
-                 "at their random initialisation) and " + ", ".join(f"{a} {norms[a]:.3f}" for a in ATTRIBUTES
-                                                                     if a != "position" and a in norms)
-                 + " for the other attributes' words"
-                 + (f"; and the five position words are {norms['spread']['position']:.3f} apart on average, against "
-                    f"{norms['spread']['unseen_tokens']:.3f} for two untouched tokens and "
-                    + ", ".join(f"{a} {d:.3f}" for a, d in norms["spread"].items() if a in ATTRIBUTES and a != "position")
-                    + " for the values of the other attributes" if "spread" in norms else "")
-                 + ": training never pulled them anywhere.")
+        L.append("The position words' input embeddings have a mean norm of " if used else
+                 "The position words' input embeddings have hardly moved: their mean norm is ")
+        L[-1] += (f"{norms['position']:.3f}, against {norms['unseen_tokens']:.3f} for tokens no prompt contains (still "
+                  "at their random initialisation) and " + ", ".join(f"{a} {norms[a]:.3f}" for a in ATTRIBUTES
+                                                                      if a != "position" and a in norms)
+                  + " for the other attributes' words"
+                  + (f"; and the five position words are {norms['spread']['position']:.3f} apart on average, against "
+                     f"{norms['spread']['unseen_tokens']:.3f} for two untouched tokens and "
+                     + ", ".join(f"{a} {d:.3f}" for a, d in norms["spread"].items() if a in ATTRIBUTES and a != "position")
+                     + " for the values of the other attributes" if "spread" in norms else "")
+                  + ("." if used else ": training never pulled them anywhere."))
     if detect:
         L.append("")
-        L.append(f"Nor is position harder to see than colour in the noisy latent: at SD's noisiest training step "
+        L.append(f"Position is no harder to see than colour in the noisy latent: at SD's noisiest training step "
                  f"(t={detect['timesteps'][0]}) a matched filter tells a centered object from one on the left with "
                  f"d' = {detect['position']['d_prime'][0]:.2f}, and a change of colour with d' = "
-                 f"{detect['colour']['d_prime'][0]:.2f}. Both are plain in the UNet's input at every training step, "
-                 "yet only colour words are learnt.")
+                 f"{detect['colour']['d_prime'][0]:.2f}. Both are plain in the UNet's input at every training step"
+                 + ("." if used else ", yet only colour words are learnt."))
     shares = diag.get("mean_image_share")
     if shares:
         lat, pix = shares["latent"], shares["pixels"]
@@ -273,14 +292,21 @@ def _position_section(diag: dict | None, folder: Path, text_path: dict | None = 
     if text_path and text_path.get("model_fingerprint") == fingerprint(folder):
         last = {arm: history[-1] for arm, history in text_path["arms"].items()}
         L.append("")
-        L.append(f"The UNet can learn that interaction; this text encoder does not pass it on. `{text_path['command']}` "
-                 f"trains this UNet architecture from scratch for {text_path['steps']} steps at t={text_path['timestep']} "
-                 "only (where the prompt is all there is to go by) on latents of this VAE, once behind a fresh CLIP "
-                 "text encoder of this shape and once behind a plain word table (each token's own embedding and a "
-                 "layer norm, nothing mixed between tokens). Swapping the position word then makes the x0 prediction "
-                 f"{last['word_table']['position']:.1%} worse behind the word table, and changes it by "
+        L.append(f"The UNet can learn that interaction; a CLIP text encoder trained from scratch does not pass it on. "
+                 f"`{text_path['command']}` trains this UNet architecture from scratch for {text_path['steps']} steps at "
+                 f"t={text_path['timestep']} only (where the prompt is all there is to go by) on latents of this VAE, once "
+                 "behind a fresh CLIP text encoder of this shape and once behind a plain word table (each token's own "
+                 "embedding and a layer norm, nothing mixed between tokens). Swapping the position word then makes the "
+                 f"x0 prediction {last['word_table']['position']:.1%} worse behind the word table, and changes it by "
                  f"{last['clip']['position']:+.1%} behind CLIP; swapping the colour word makes it "
                  f"{last['word_table']['colour']:.1%} and {last['clip']['colour']:.1%} worse.")
+        table = last.get("clip_table_start")
+        if table:
+            L[-1] += (f" A third arm starts the same CLIP encoder as a word table (zero position embedding and residual "
+                      f"output projections) and keeps its layers frozen for {text_path['table_steps']} steps before "
+                      f"training them for {text_path['steps']} more: swapping the position word then makes the "
+                      f"prediction {table['position']:.1%} worse, the colour word {table['colour']:.1%}"
+                      + (". The recipe above starts its text encoder that way." if used else "."))
     return L
 
 
@@ -426,7 +452,8 @@ def render_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_p
         "",
         *quality,
         *_conditioning_section(_read_json(Path(conditioning_path)), folder),
-        *_position_section(_read_json(Path(diagnosis_path)), folder, _read_json(Path(text_path_path))),
+        *_position_section(_read_json(Path(diagnosis_path)), folder, _read_json(Path(text_path_path)),
+                           position_words_used(_read_json(Path(conditioning_path)), folder)),
     ]
     if oracle:
         acc = oracle["conditions"]["clean"]["accuracy"]
