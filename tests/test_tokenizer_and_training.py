@@ -140,3 +140,7 @@ def test_pack_and_unpack_resume_a_run_on_another_machine(tmp_path):
     assert (elsewhere / "unet_log.jsonl").read_text() == (work / "unet_log.jsonl").read_text()
     train.main(["unet", "--tiny", "--workdir", str(elsewhere), "--steps", "4", "--save-every", "1"])
     assert json.loads((elsewhere / "unet.safetensors.json").read_text())["meta"]["step"] == 4
+    train.main(["export", "--workdir", str(elsewhere), "--out", str(tmp_path / "raw"), "--raw"])
+    record = json.loads((tmp_path / "raw" / "training.json").read_text())
+    assert record["ema"] is False and record["unet_step"] == 4
+    assert {"step": 3, "changed": {"resumed_from_pack": [False, True]}} in record["recipe_changes"]

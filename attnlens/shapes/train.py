@@ -644,6 +644,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="unet, new runs: steps the text encoder starts as a word table with frozen layers "
                         "(UNetConfig.text_table_steps; default 0)")
     parser.add_argument("--out", type=Path, help="export, card: the diffusers folder to write")
+    parser.add_argument("--raw", action="store_true",
+                        help="export: the raw weights instead of their EMA (early in a run the EMA still "
+                        "remembers its first steps; to judge a checkpoint, not to ship)")
     parser.add_argument("--pack", type=Path, default=PACK,
                         help="pack, unpack: the compact resumable copy of the UNet stage to write or read "
                         "(default checkpoints/shapes-unet-resume.safetensors)")
@@ -673,7 +676,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if args.out is None:
             parser.error("export needs --out")
-        print(export(args.workdir, args.out))
+        print(export(args.workdir, args.out, use_ema=not args.raw))
 
 
 if __name__ == "__main__":
