@@ -144,3 +144,7 @@ def test_pack_and_unpack_resume_a_run_on_another_machine(tmp_path):
     record = json.loads((tmp_path / "raw" / "training.json").read_text())
     assert record["ema"] is False and record["unet_step"] == 4
     assert {"step": 3, "changed": {"resumed_from_pack": [False, True]}} in record["recipe_changes"]
+    from attnlens.shapes.card import render_card
+
+    assert "step 3: resumed on another machine from the run's packed copy" in render_card(tmp_path / "raw",
+                                                                                           tmp_path / "absent.json")

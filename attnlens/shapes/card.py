@@ -310,6 +310,14 @@ def _position_section(diag: dict | None, folder: Path, text_path: dict | None = 
     return L
 
 
+def _change(key: str, old, new) -> str:
+    """One recipe change as the card states it."""
+    if key == "resumed_from_pack":  # see attnlens.shapes.train.pack
+        return ("resumed on another machine from the run's packed copy (weights and EMA rounded to fp16 once, "
+                "Adam's first moment restarted at zero)")
+    return f"{key} {old} -> {new}"
+
+
 def render_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_path: str | Path = ORACLE_RESULTS,
                 conditioning_path: str | Path = CONDITIONING, diagnosis_path: str | Path = POSITION_DIAGNOSIS,
                 text_path_path: str | Path = TEXT_PATH) -> str:
@@ -444,7 +452,7 @@ def render_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_p
     changes = training.get("recipe_changes") or []
     if changes:
         L.append("   The recipe changed during training (each change took effect when a run resumed at that step): "
-                 + "; ".join(f"step {c['step']}: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in c["changed"].items())
+                 + "; ".join(f"step {c['step']}: " + ", ".join(_change(k, a, b) for k, (a, b) in c["changed"].items())
                              for c in changes) + ".")
     L += [
         "",
