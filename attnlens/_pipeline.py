@@ -35,11 +35,17 @@ def _rebuild_hint(folder: Path) -> str:
         meta = {}
     vae = meta.get("vae") if isinstance(meta.get("vae"), dict) else {}
     vae_steps, unet_steps, seed = vae.get("step", "STEPS"), meta.get("unet_step", "STEPS"), meta.get("seed", 0)
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    # the recipe options that differ from a new run's defaults (see attnlens.shapes.train.UNetConfig)
+    defaults = {"prediction_type": "epsilon", "text_table_steps": 0, "snr_floor": 0.0, "latent_std": 1.0}
+    recipe = "".join(f" --{k.replace('_', '-')} {config[k]}" for k, d in defaults.items()
+                     if k in config and config[k] != d)
     out = "attnlens/models/shapes" if embedded else str(folder)
     restore = "Restore the shipped copy with `git checkout -- attnlens/models/shapes`, or rebuild it: " if embedded \
         else "Rebuild it: "
     return (f"{restore}`python -m attnlens.shapes.train vae --workdir runs/shapes --steps {vae_steps} --seed {seed}`, "
-            f"then `python -m attnlens.shapes.train unet --workdir runs/shapes --steps {unet_steps} --seed {seed}`, then "
+            f"then `python -m attnlens.shapes.train unet --workdir runs/shapes --steps {unet_steps} --seed {seed}{recipe}`, "
+            "then "
             f"`python -m attnlens.shapes.train export --workdir runs/shapes --out {out}` (training resumes from "
             "the checkpoints in runs/shapes if they are still there).")
 

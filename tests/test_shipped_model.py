@@ -143,6 +143,12 @@ def test_damaged_embedded_model_says_how_to_rebuild_it(copy, monkeypatch):
     assert "python -m attnlens.shapes.train vae --workdir runs/shapes --steps 3000 --seed 0" in msg
     assert "python -m attnlens.shapes.train unet --workdir runs/shapes --steps 6000 --seed 0" in msg
     assert "python -m attnlens.shapes.train export --workdir runs/shapes --out attnlens/models/shapes" in msg
+    record = json.loads((copy / "training.json").read_text())  # a run with recipe options: the command names them
+    record["config"] = {"prediction_type": "v_prediction", "text_table_steps": 2000, "snr_floor": 1.0, "latent_std": 1.0}
+    (copy / "training.json").write_text(json.dumps(record))
+    with pytest.raises(AttnlensError, match=r"unet --workdir runs/shapes --steps 6000 --seed 0 --prediction-type "
+                       r"v_prediction --text-table-steps 2000 --snr-floor 1.0`"):
+        load_pipeline(device="cpu")
     w.unlink()
     with pytest.raises(AttnlensError, match=r"unet/diffusion_pytorch_model.safetensors is missing \(unet/ has no \.safetensors weights\)"
                        r".*attnlens.shapes.train export"):
