@@ -1,4 +1,5 @@
-"""Why does the Shapes model ignore position words? Five measurements that split the question up.
+"""Why are position words hard for a Shapes model to learn, and where would they be lost? Five measurements
+that split the question up (the first Shapes model ignored its position words; the embedded one uses them).
 
 1. **Text side.** Does the text encoder tell the position words apart? For each attribute, prompts that
    differ in one value only ("a red star on the left" / "... on the right"; "a red star" / "a blue

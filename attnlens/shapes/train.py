@@ -88,11 +88,12 @@ class UNetConfig:
     # noisiest steps imply is the tiny difference of two large terms, so the layout the prompt asks for is
     # learnt slowly there
     prediction_type: str = "epsilon"
-    # steps during which the CLIP text encoder behaves as a plain word table: a new run starts its position
-    # embedding and the output projections of its attention and MLP at zero (so each token's state is its
-    # own word, nothing mixed in) and keeps its transformer layers frozen for this many steps. Trained from
-    # scratch with mixing from step 0, the encoder never passes position words on, while a word table
-    # does within a few hundred steps (benchmarks/shapes_text_path.py). 0: CLIP's own initialisation
+    # steps during which the CLIP text encoder behaves as a word table: a new run starts its position
+    # embedding and the output projections of its attention and MLP at zero and keeps its transformer
+    # layers frozen for this many steps, so no token's state mixes in another token (the position
+    # embedding is not frozen: it trains from zero, adding where a token sits to its own word). Trained
+    # from scratch with mixing from step 0, the encoder never passed position words on, while a plain word
+    # table did within a few hundred steps (benchmarks/shapes_text_path.py). 0: CLIP's own initialisation
     text_table_steps: int = 0
 
 
@@ -313,7 +314,8 @@ def _text_layers(text: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 def start_as_word_table(text: torch.nn.Module) -> None:
     """Zero the position embedding and every residual branch's output projection of a CLIP text encoder:
-    each token's state is then the final layer norm of its own embedding row (see UNetConfig.text_table_steps)."""
+    each token's state is then the final layer norm of its own embedding row plus its (trainable) position
+    embedding, nothing from other tokens (see UNetConfig.text_table_steps)."""
     with torch.no_grad():
         for name, p in text.named_parameters():
             if "position_embedding" in name or name.endswith(("out_proj.weight", "out_proj.bias",
