@@ -49,7 +49,7 @@ if str(ROOT) not in sys.path:
 
 import attnlens  # noqa: E402
 from attnlens import shapes  # noqa: E402
-from attnlens.shapes.card import fingerprint  # noqa: E402
+from attnlens.shapes.card import TEXT_PATH_INPUTS, fingerprint  # noqa: E402
 from attnlens.shapes.train import (  # noqa: E402
     TINY_UNET, UNetConfig, _lr_lambda, _text_layers, build_text_encoder, build_unet, start_as_word_table)
 
@@ -199,6 +199,10 @@ def main(argv: list[str] | None = None) -> dict:
                    + (f" --table-steps {args.table_steps}" if args.table_steps != TABLE_STEPS else ""),
         "vae_of": str(args.model or "embedded Shapes model"),
         "model_fingerprint": fingerprint(args.model or attnlens._pipeline.EMBEDDED_MODEL) if not args.tiny else None,
+        # what the result depends on: the VAE (latents), tokenizer and noise schedule, not the model's UNet
+        "inputs": list(TEXT_PATH_INPUTS),
+        "inputs_fingerprint": (fingerprint(args.model or attnlens._pipeline.EMBEDDED_MODEL, TEXT_PATH_INPUTS)
+                               if not args.tiny else None),
         "timestep": T, "steps": args.steps, "table_steps": args.table_steps, "scenes": args.scenes, "held_out": args.held_out, "seed": args.seed,
         "unet_config": dataclasses.asdict(cfg),
         "arms": arms,

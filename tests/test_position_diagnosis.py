@@ -10,7 +10,7 @@ import pytest
 
 from attnlens import shapes
 from attnlens._testing import tiny_pipeline
-from attnlens.shapes.card import fingerprint, render_card, weight_sums
+from attnlens.shapes.card import TEXT_PATH_INPUTS, fingerprint, render_card, weight_sums
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,9 +122,22 @@ def test_card_reports_embeddings_and_detectability_only_for_these_weights(tmp_pa
     cond.write_text(json.dumps({**json.loads(cond.read_text()), "attributes": {"position": {"timesteps": gap}}}))
     assert "Where position is lost" in render_card(folder, tmp_path / "absent.json", conditioning_path=cond,
                                                    diagnosis_path=path, text_path_path=text_path)
+    record["inputs_fingerprint"] = fingerprint(folder, TEXT_PATH_INPUTS)  # what the text-path run used
+    text_path.write_text(json.dumps(record))
     shutil.rmtree(folder / "unet")
     tiny_pipeline(seed=1).unet.save_pretrained(folder / "unet", safe_serialization=True)  # other weights
     assert "Where position is lost" not in render_card(folder, tmp_path / "absent.json", diagnosis_path=path)
+    # the text-path record trains its own UNets on this VAE's latents: a new UNet keeps it, a new VAE drops it
+    diag["model_fingerprint"] = fingerprint(folder)
+    path.write_text(json.dumps(diag))
+    card = render_card(folder, tmp_path / "absent.json", diagnosis_path=path, text_path_path=text_path)
+    assert "The UNet can learn that interaction" in card
+    shutil.rmtree(folder / "vae")
+    tiny_pipeline(seed=1).vae.save_pretrained(folder / "vae", safe_serialization=True)
+    diag["model_fingerprint"] = fingerprint(folder)
+    path.write_text(json.dumps(diag))
+    card = render_card(folder, tmp_path / "absent.json", diagnosis_path=path, text_path_path=text_path)
+    assert "Where position is lost" in card and "The UNet can learn that interaction" not in card
 
 
 def test_explained_share_is_zero_without_an_effect_and_exact_with_one(diagnosis):

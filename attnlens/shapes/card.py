@@ -27,23 +27,29 @@ ORACLE_RESULTS = REPO / "benchmarks" / "results" / "oracle_accuracy.json"
 CONDITIONING = REPO / "benchmarks" / "results" / "shapes_conditioning.json"
 POSITION_DIAGNOSIS = REPO / "benchmarks" / "results" / "shapes_position_diagnosis.json"
 TEXT_PATH = REPO / "benchmarks" / "results" / "shapes_text_path.json"
+# what benchmarks/shapes_text_path.py takes from a model folder (it trains its own UNets and text encoders):
+# its record stays valid for a new UNet or text encoder trained on the same VAE
+TEXT_PATH_INPUTS = ("vae", "tokenizer", "scheduler")
 TOKENIZER_LICENSE = Path(__file__).resolve().parents[1] / "tokenizer" / "LICENSE"
 
 
 # ------------------------------------------------------------------------------------------ facts
 
 
-def fingerprint(folder: str | Path) -> str | None:
+def fingerprint(folder: str | Path, parts: tuple[str, ...] | None = None) -> str | None:
     """SHA-256 over a diffusers folder's weights and configs (not ``training.json`` or ``README.md``).
 
-    Two folders with the same fingerprint generate the same images. ``None`` if ``folder`` is not a
-    local folder (a hub id).
+    Two folders with the same fingerprint generate the same images. ``parts`` (subfolder names such as
+    ``("vae", "scheduler")``) limits it to those components, for a result that depends on them alone.
+    ``None`` if ``folder`` is not a local folder (a hub id).
     """
     folder = Path(folder)
     if not folder.is_dir():
         return None
     h = hashlib.sha256()
     for f in sorted(folder.rglob("*")):
+        if parts is not None and f.relative_to(folder).parts[0] not in parts:
+            continue
         if f.is_file() and f.suffix in (".safetensors", ".json") and f.name != "training.json":
             h.update(str(f.relative_to(folder)).encode())
             h.update(f.read_bytes())
@@ -233,7 +239,8 @@ def position_words_used(cond: dict | None, folder: Path) -> bool | None:
 def _position_section(diag: dict | None, folder: Path, text_path: dict | None = None,
                       used: bool | None = None) -> list[str]:
     """What the position diagnosis (benchmarks/shapes_position_diagnosis.py) and the text-path training
-    (benchmarks/shapes_text_path.py) measured on these weights. ``used`` (:func:`position_words_used`)
+    (benchmarks/shapes_text_path.py) measured on these weights (the text-path record on this VAE,
+    tokenizer and scheduler: :data:`TEXT_PATH_INPUTS`). ``used`` (:func:`position_words_used`)
     picks the verdicts: where position is lost when the model ignores its position words, why the recipe
     had to help when it uses them."""
     if diag is None or diag.get("model_fingerprint") != fingerprint(folder):
@@ -289,7 +296,8 @@ def _position_section(diag: dict | None, folder: Path, text_path: dict | None = 
                  "position word on its own moves the prediction almost nowhere: the eight object colours average to a "
                  "gray close to the average background, and where the object is matters only jointly with its colour "
                  "and background, an interaction training has to find, whereas a colour word pays off on its own.")
-    if text_path and text_path.get("model_fingerprint") == fingerprint(folder):
+    if text_path and text_path.get("inputs_fingerprint", text_path.get("model_fingerprint")) == fingerprint(
+            folder, TEXT_PATH_INPUTS if "inputs_fingerprint" in text_path else None):
         last = {arm: history[-1] for arm, history in text_path["arms"].items()}
         L.append("")
         L.append(f"The UNet can learn that interaction; a CLIP text encoder trained from scratch does not pass it on. "
