@@ -34,17 +34,20 @@ def _rebuild_hint(folder: Path) -> str:
     except (OSError, UnicodeDecodeError, ValueError):
         meta = {}
     vae = meta.get("vae") if isinstance(meta.get("vae"), dict) else {}
-    vae_steps, unet_steps, seed = vae.get("step", "STEPS"), meta.get("unet_step", "STEPS"), meta.get("seed", 0)
-    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    # the recipe options that differ from a new run's defaults (see attnlens.shapes.train.UNetConfig)
-    defaults = {"prediction_type": "epsilon", "text_table_steps": 0, "snr_floor": 0.0, "latent_std": 1.0}
-    recipe = "".join(f" --{k.replace('_', '-')} {config[k]}" for k, d in defaults.items()
-                     if k in config and config[k] != d)
+    vae_steps, seed = vae.get("step", "STEPS"), meta.get("seed", 0)
+    from .shapes.card import unet_commands
+
+    try:  # the recipe options that differ from a new run's defaults, one command per schedule
+        unet = unet_commands({**meta, "config": meta.get("config") if isinstance(meta.get("config"), dict) else {},
+                              "unet_step": meta.get("unet_step", "STEPS")}, seed)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):  # a damaged record: the plain command
+        unet = [(f"python -m attnlens.shapes.train unet --workdir runs/shapes --steps STEPS --seed {seed}", "")]
+    unet_text = ", then ".join(f"`{c}`" + (f" ({n})" if n else "") for c, n in unet)
     out = "attnlens/models/shapes" if embedded else str(folder)
     restore = "Restore the shipped copy with `git checkout -- attnlens/models/shapes`, or rebuild it: " if embedded \
         else "Rebuild it: "
     return (f"{restore}`python -m attnlens.shapes.train vae --workdir runs/shapes --steps {vae_steps} --seed {seed}`, "
-            f"then `python -m attnlens.shapes.train unet --workdir runs/shapes --steps {unet_steps} --seed {seed}{recipe}`, "
+            f"then {unet_text}, "
             "then "
             f"`python -m attnlens.shapes.train export --workdir runs/shapes --out {out}` (training resumes from "
             "the checkpoints in runs/shapes if they are still there).")

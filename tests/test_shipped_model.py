@@ -149,6 +149,17 @@ def test_damaged_embedded_model_says_how_to_rebuild_it(copy, monkeypatch):
     with pytest.raises(AttnlensError, match=r"unet --workdir runs/shapes --steps 6000 --seed 0 --prediction-type "
                        r"v_prediction --text-table-steps 2000 --snr-floor 1.0`"):
         load_pipeline(device="cpu")
+    # resumed with a longer schedule and a new SNR floor: one command per schedule, each with what it changed
+    record.update(unet_step=9000, unet_total_steps=9000, recipe_changes=[
+        {"step": 2000, "changed": {"snr_floor": [0.0, 1.0]}},
+        {"step": 6000, "changed": {"total_steps": [6000, 9000]}}])
+    (copy / "training.json").write_text(json.dumps(record))
+    with pytest.raises(AttnlensError) as err:
+        load_pipeline(device="cpu")
+    assert ("`python -m attnlens.shapes.train unet --workdir runs/shapes --steps 6000 --seed 0 --prediction-type "
+            "v_prediction --text-table-steps 2000` (stopped at step 2000), then `python -m attnlens.shapes.train unet "
+            "--workdir runs/shapes --steps 6000 --seed 0 --snr-floor 1.0`, then `python -m attnlens.shapes.train unet "
+            "--workdir runs/shapes --steps 9000 --seed 0`, then `python -m attnlens.shapes.train export") in str(err.value)
     w.unlink()
     with pytest.raises(AttnlensError, match=r"unet/diffusion_pytorch_model.safetensors is missing \(unet/ has no \.safetensors weights\)"
                        r".*attnlens.shapes.train export"):

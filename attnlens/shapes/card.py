@@ -499,10 +499,7 @@ def render_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_p
         "",
         "```bash",
         f"python -m attnlens.shapes.train vae  --workdir runs/shapes --steps {vae.get('step', 'N')} --seed {seed}",
-        f"python -m attnlens.shapes.train unet --workdir runs/shapes --steps "
-        f"{training.get('unet_total_steps') or training.get('unet_step')} --seed {seed}"
-        + (f"   # this export is its checkpoint at step {training.get('unet_step')}"
-           if _intermediate(training) else ""),
+        *(command + (f"   # {note}" if note else "") for command, note in unet_commands(training, seed)),
         f"python -m attnlens.shapes.train export --workdir runs/shapes --out {out}",
         f"python benchmarks/shapes_quality.py{'' if out == 'attnlens/models/shapes' else ' --model ' + out}"
         + (f" --guidance {guidance}" if guidance not in (None, 7.5) else ""),
@@ -515,6 +512,42 @@ def render_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_p
         "",
     ]
     return "\n".join(L)
+
+
+# the recipe fields train.py's command line sets (UNetConfig defaults for a new run; the rest are fixed in code)
+_UNET_FLAGS = {"prediction_type": ("--prediction-type", "epsilon"), "text_table_steps": ("--text-table-steps", 0),
+               "snr_floor": ("--snr-floor", 0.0), "latent_std": ("--latent-std", 1.0)}
+
+
+def unet_commands(training: dict, seed) -> list[tuple[str, str]]:
+    """``(command, note)`` for each ``train unet`` command that rebuilds the run ``training.json`` records:
+    the recipe flags that differ from a new run's defaults, and one command per schedule when the run was
+    resumed with another ``--steps`` (each continues the last one's checkpoint, as the run did). ``note``
+    says where to stop, or is empty."""
+    config = dict(training.get("config") or {})
+    changes = sorted(training.get("recipe_changes") or [], key=lambda c: c["step"])
+    for c in reversed(changes):  # the values the run started with
+        for key, (old, _new) in c["changed"].items():
+            if key in _UNET_FLAGS:
+                config[key] = old
+    base = "python -m attnlens.shapes.train unet --workdir runs/shapes"
+    first = "".join(f" {flag} {config[k]}" for k, (flag, default) in _UNET_FLAGS.items()
+                    if k in config and config[k] != default)
+    final = training.get("unet_total_steps") or training.get("unet_step")
+    commands, flags = [], first
+    for i, c in enumerate(changes):
+        changed = {k: v for k, v in c["changed"].items() if k in _UNET_FLAGS or k == "total_steps"}
+        if not changed:
+            continue
+        # the schedule in force before this change: the old side of the next change of total_steps
+        total = next((d["changed"]["total_steps"][0] for d in changes[i:] if "total_steps" in d["changed"]), final)
+        commands.append((f"{base} --steps {total} --seed {seed}{flags}",
+                         "" if total == c["step"] else f"stopped at step {c['step']}"))
+        flags = "".join(f" {_UNET_FLAGS[k][0]} {new}" for k, (_old, new) in changed.items() if k in _UNET_FLAGS)
+    commands.append((f"{base} --steps {final} --seed {seed}{flags}",
+                     f"this export is its checkpoint at step {training.get('unet_step')}"
+                     if _intermediate(training) else ""))
+    return commands
 
 
 def _intermediate(training: dict) -> bool:
