@@ -35,7 +35,7 @@ record = json.loads(TEXT_PATH.read_text()) if TEXT_PATH.exists() else {}
 sys.exit(record.get("inputs_fingerprint") != fingerprint(attnlens._pipeline.EMBEDDED_MODEL, TEXT_PATH_INPUTS))
 PY
   then  # it trains its own UNets on the VAE's latents: a new UNet alone does not change it
-    echo "== benchmarks/$b skipped: its inputs (${b%.py}.json: inputs) are unchanged" >&2
+    echo "== benchmarks/$b skipped: the VAE, tokenizer and scheduler it reads are those its record was measured on" >&2
     continue
   fi
   start=$(date +%s)

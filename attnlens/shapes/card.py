@@ -514,9 +514,8 @@ def render_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_p
     return "\n".join(L)
 
 
-# the recipe fields train.py's command line sets (UNetConfig defaults for a new run; the rest are fixed in code)
-_UNET_FLAGS = {"prediction_type": ("--prediction-type", "epsilon"), "text_table_steps": ("--text-table-steps", 0),
-               "snr_floor": ("--snr-floor", 0.0), "latent_std": ("--latent-std", 1.0)}
+# the recipe fields train.py's command line sets (the rest of UNetConfig is fixed in code)
+_UNET_FLAGS = ("prediction_type", "text_table_steps", "snr_floor", "latent_std")
 
 
 def unet_commands(training: dict, seed) -> list[tuple[str, str]]:
@@ -524,6 +523,9 @@ def unet_commands(training: dict, seed) -> list[tuple[str, str]]:
     the recipe flags that differ from a new run's defaults, and one command per schedule when the run was
     resumed with another ``--steps`` (each continues the last one's checkpoint, as the run did). ``note``
     says where to stop, or is empty."""
+    from .train import UNetConfig  # a new run's defaults
+
+    defaults = UNetConfig()
     config = dict(training.get("config") or {})
     changes = sorted(training.get("recipe_changes") or [], key=lambda c: c["step"])
     for c in reversed(changes):  # the values the run started with
@@ -531,8 +533,8 @@ def unet_commands(training: dict, seed) -> list[tuple[str, str]]:
             if key in _UNET_FLAGS:
                 config[key] = old
     base = "python -m attnlens.shapes.train unet --workdir runs/shapes"
-    first = "".join(f" {flag} {config[k]}" for k, (flag, default) in _UNET_FLAGS.items()
-                    if k in config and config[k] != default)
+    first = "".join(f" {_flag(k)} {config[k]}" for k in _UNET_FLAGS
+                    if k in config and config[k] != getattr(defaults, k))
     final = training.get("unet_total_steps") or training.get("unet_step")
     commands, flags = [], first
     for i, c in enumerate(changes):
@@ -543,11 +545,15 @@ def unet_commands(training: dict, seed) -> list[tuple[str, str]]:
         total = next((d["changed"]["total_steps"][0] for d in changes[i:] if "total_steps" in d["changed"]), final)
         commands.append((f"{base} --steps {total} --seed {seed}{flags}",
                          "" if total == c["step"] else f"stopped at step {c['step']}"))
-        flags = "".join(f" {_UNET_FLAGS[k][0]} {new}" for k, (_old, new) in changed.items() if k in _UNET_FLAGS)
+        flags = "".join(f" {_flag(k)} {new}" for k, (_old, new) in changed.items() if k in _UNET_FLAGS)
     commands.append((f"{base} --steps {final} --seed {seed}{flags}",
                      f"this export is its checkpoint at step {training.get('unet_step')}"
                      if _intermediate(training) else ""))
     return commands
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
 
 
 def _intermediate(training: dict) -> bool:
