@@ -30,9 +30,9 @@ for b in "${benchmarks[@]}"; do
   if [[ "$b" == shapes_text_path.py && -z "$only" ]] && "$PY" - <<'PY'
 import json, sys
 import attnlens
-from attnlens.shapes.card import TEXT_PATH, TEXT_PATH_INPUTS, fingerprint
-record = json.loads(TEXT_PATH.read_text()) if TEXT_PATH.exists() else {}
-sys.exit(record.get("inputs_fingerprint") != fingerprint(attnlens._pipeline.EMBEDDED_MODEL, TEXT_PATH_INPUTS))
+from attnlens.shapes.card import TEXT_PATH, text_path_applies
+record = json.loads(TEXT_PATH.read_text()) if TEXT_PATH.exists() else None
+sys.exit(not (record and text_path_applies(record, attnlens._pipeline.EMBEDDED_MODEL)))
 PY
   then  # it trains its own UNets on the VAE's latents: a new UNet alone does not change it
     echo "== benchmarks/$b skipped: the VAE, tokenizer and scheduler it reads are those its record was measured on" >&2

@@ -56,6 +56,14 @@ def fingerprint(folder: str | Path, parts: tuple[str, ...] | None = None) -> str
     return h.hexdigest()
 
 
+def text_path_applies(record: dict, folder: str | Path) -> bool:
+    """Whether a benchmarks/shapes_text_path.py record was measured on what it reads of ``folder``
+    (:data:`TEXT_PATH_INPUTS`; a record without that fingerprint, on the whole folder)."""
+    if "inputs_fingerprint" in record:
+        return record["inputs_fingerprint"] == fingerprint(folder, TEXT_PATH_INPUTS)
+    return record.get("model_fingerprint") == fingerprint(folder)
+
+
 def weight_sums(folder: str | Path) -> dict[str, str]:
     """``{relative path: SHA-256}`` of every safetensors file in ``folder`` (recorded in ``training.json``)."""
     folder = Path(folder)
@@ -296,8 +304,7 @@ def _position_section(diag: dict | None, folder: Path, text_path: dict | None = 
                  "position word on its own moves the prediction almost nowhere: the eight object colours average to a "
                  "gray close to the average background, and where the object is matters only jointly with its colour "
                  "and background, an interaction training has to find, whereas a colour word pays off on its own.")
-    if text_path and text_path.get("inputs_fingerprint", text_path.get("model_fingerprint")) == fingerprint(
-            folder, TEXT_PATH_INPUTS if "inputs_fingerprint" in text_path else None):
+    if text_path and text_path_applies(text_path, folder):
         last = {arm: history[-1] for arm, history in text_path["arms"].items()}
         L.append("")
         L.append(f"The UNet can learn that interaction; a CLIP text encoder trained from scratch does not pass it on. "
