@@ -21,36 +21,34 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 
 
+def _recorded_rebuild(record: Path) -> list[tuple[str, str]]:
+    """The ``(command, note)`` pairs a Shapes export's ``training.json`` records under ``"rebuild"`` (written by
+    the repository's training tool, ``python -m tools.shapes_model.train export`` or ``card``); ``[]`` when the
+    record is missing, damaged or has none. ``{out}`` in a command stands for the model folder."""
+    try:
+        rows = json.loads(record.read_text()).get("rebuild")
+        return [(str(r["command"]), str(r.get("note") or "")) for r in rows]
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, KeyError, TypeError):
+        return []
+
+
 def _rebuild_hint(folder: Path) -> str:
-    """How to get a sound copy of ``folder`` back: the training commands for a Shapes export, else re-saving."""
+    """How to get a sound copy of ``folder`` back: the rebuild commands its ``training.json`` records for a
+    Shapes export, else re-saving."""
     embedded = folder.resolve() == EMBEDDED_MODEL.resolve()
     record = folder / "training.json"
     if not embedded and not record.is_file():
         return ("Download the model again, or re-save it with "
                 "`pipe.save_pretrained(folder, safe_serialization=True)`.")
-    try:
-        meta = json.loads(record.read_text())
-        meta = meta if isinstance(meta, dict) else {}
-    except (OSError, UnicodeDecodeError, ValueError):
-        meta = {}
-    vae = meta.get("vae") if isinstance(meta.get("vae"), dict) else {}
-    vae_steps, seed = vae.get("step", "STEPS"), meta.get("seed", 0)
-    from .shapes.card import unet_commands
-
-    try:  # the recipe options that differ from a new run's defaults, one command per schedule
-        unet = unet_commands({**meta, "config": meta.get("config") if isinstance(meta.get("config"), dict) else {},
-                              "unet_step": meta.get("unet_step", "STEPS")}, seed)
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError):  # a damaged record: the plain command
-        unet = [(f"python -m attnlens.shapes.train unet --workdir runs/shapes --steps STEPS --seed {seed}", "")]
-    unet_text = ", then ".join(f"`{c}`" + (f" ({n})" if n else "") for c, n in unet)
     out = "attnlens/models/shapes" if embedded else str(folder)
-    restore = "Restore the shipped copy with `git checkout -- attnlens/models/shapes`, or rebuild it: " if embedded \
-        else "Rebuild it: "
-    return (f"{restore}`python -m attnlens.shapes.train vae --workdir runs/shapes --steps {vae_steps} --seed {seed}`, "
-            f"then {unet_text}, "
-            "then "
-            f"`python -m attnlens.shapes.train export --workdir runs/shapes --out {out}` (training resumes from "
-            "the checkpoints in runs/shapes if they are still there).")
+    restore = "Restore the shipped copy with `git checkout -- attnlens/models/shapes`, or rebuild it" if embedded \
+        else "Rebuild it"
+    commands = _recorded_rebuild(record)
+    if not commands:
+        return (f"{restore} with the Shapes training tool of a source checkout (`python -m tools.shapes_model.train "
+                "--help`; this folder's training.json records no rebuild commands).")
+    steps = ", then ".join(f"`{c.replace('{out}', out)}`" + (f" ({n})" if n else "") for c, n in commands)
+    return f"{restore}: {steps} (training resumes from the checkpoints in runs/shapes if they are still there)."
 
 
 def _safetensors_problem(path: Path) -> str | None:
@@ -103,7 +101,7 @@ def check_model_folder(folder: str | os.PathLike) -> None:
 
     Every component listed in ``model_index.json`` must have its folder, parseable JSON files and, for
     a model (a folder with ``config.json``), safetensors weights that are complete. When the folder's
-    ``training.json`` (written by ``python -m attnlens.shapes.train export``) records SHA-256 sums of the
+    ``training.json`` (written by ``python -m tools.shapes_model.train export``) records SHA-256 sums of the
     weights, they are compared too. The message says how to rebuild or restore the folder.
     """
     folder = Path(folder)
@@ -195,7 +193,8 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.de
     if local.resolve() == EMBEDDED_MODEL.resolve() and not (local / "model_index.json").exists():
         raise AttnlensError(
             f"the embedded Shapes model is not in {EMBEDDED_MODEL} yet. Train and export it with "
-            "`python -m attnlens.shapes.train vae|unet|export --out attnlens/models/shapes`, or pass a hub id or "
+            "`python -m tools.shapes_model.train vae|unet|export --out attnlens/models/shapes` (a source checkout's "
+            "training tool), or pass a hub id or "
             "a local diffusers folder (or set ATTNLENS_MODEL)."
         )
     if local.is_dir():

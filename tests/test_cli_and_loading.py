@@ -26,7 +26,7 @@ def test_missing_embedded_model_says_how_to_build_it(monkeypatch):
     monkeypatch.delenv("ATTNLENS_MODEL", raising=False)
     if (EMBEDDED_MODEL / "model_index.json").exists():
         pytest.skip("the embedded model is present")
-    with pytest.raises(AttnlensError, match="python -m attnlens.shapes.train"):
+    with pytest.raises(AttnlensError, match="python -m tools.shapes_model.train"):
         load_pipeline()
 
 

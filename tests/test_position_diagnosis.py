@@ -10,7 +10,7 @@ import pytest
 
 from attnlens import shapes
 from attnlens._testing import tiny_pipeline
-from attnlens.shapes.card import TEXT_PATH_INPUTS, fingerprint, render_card, weight_sums
+from tools.shapes_model.card import TEXT_PATH_INPUTS, fingerprint, render_card, weight_sums
 
 ROOT = Path(__file__).resolve().parents[1]
 

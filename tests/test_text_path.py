@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnlens.shapes.train import TINY_UNET, build_text_encoder, build_unet
+from tools.shapes_model.train import TINY_UNET, build_text_encoder, build_unet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def test_both_arms_train_and_record(text_path, tmp_path):
 def test_table_start_arm_keeps_its_text_layers_frozen_then_trains_them(text_path, monkeypatch):
     """The clip_table_start arm's output projections stay 0 through the table steps and move after."""
     import attnlens
-    from attnlens.shapes import train as training
+    from tools.shapes_model import train as training
 
     seen = []
     real = training.start_as_word_table

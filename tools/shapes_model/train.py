@@ -7,17 +7,25 @@ an uninterrupted run would have seen.
 
 Usage::
 
-    python -m attnlens.shapes.train vae  --workdir runs/shapes --steps 3000
-    python -m attnlens.shapes.train unet --workdir runs/shapes --steps 20000
-    python -m attnlens.shapes.train export --workdir runs/shapes --out attnlens/models/shapes
-    python benchmarks/shapes_quality.py      # the quality bar, then rewrite the model card with it:
-    python -m attnlens.shapes.train card --out attnlens/models/shapes
+    python -m tools.shapes_model.train vae  --workdir runs/shapes --steps 3000
+    python -m tools.shapes_model.train unet --workdir runs/shapes --steps 20000
+    python -m tools.shapes_model.train export --workdir runs/shapes --out attnlens/models/shapes
+    python -m benchmarks.shapes_quality      # the quality bar, then rewrite the model card with it:
+    python -m tools.shapes_model.train card --out attnlens/models/shapes
 
 A run that must outlive its machine is packed into a file small enough to commit, and unpacked on the
 next machine (see :func:`pack`)::
 
-    python -m attnlens.shapes.train pack   --workdir runs/shapes   # -> checkpoints/shapes-unet-resume.safetensors
-    python -m attnlens.shapes.train unpack --workdir runs/shapes   # then resume with the unet stage
+    python -m tools.shapes_model.train pack   --workdir runs/shapes   # -> checkpoints/shapes-unet-resume.safetensors
+    python -m tools.shapes_model.train unpack --workdir runs/shapes   # then resume with the unet stage
+
+Commit a pack only while a run must resume on another machine, and a model folder only when it ships:
+every committed weight file stays in the history every full clone downloads.
+
+``export`` and ``card`` record the commands that rebuild the folder in its ``training.json``
+(``"rebuild"``), so the loader can print them without importing this tool. ``text-path-current`` exits 0
+when ``benchmarks/results/shapes_text_path.json`` was measured on the embedded model's VAE, tokenizer and
+scheduler (``scripts/rebench.sh`` then skips that benchmark).
 
 The objective is the standard one of each part (reconstruction + KL for the VAE, the epsilon
 denoising loss for the UNet, with min-SNR weighting); nothing supervises attention.
@@ -40,8 +48,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._checkpoint import load_checkpoint, save_checkpoint
-from ._world import BACKGROUNDS, COLOURS, ShapesDataset
+import attnlens
+from attnlens._tokenizer import TOKENIZER_DIR, VOCAB_SIZE, load_tokenizer
+from attnlens.shapes import BACKGROUNDS, COLOURS, ShapesDataset
+
+from . import CHECKPOINTS, EMBEDDED
+from .card import RESULTS, TEXT_PATH, rebuild_commands, summarize_log, text_path_applies, weight_sums, write_card
+from .checkpoint import _atomic_write, load_checkpoint, save_checkpoint
 
 # ------------------------------------------------------------------------------------------ configs
 
@@ -121,8 +134,6 @@ def build_vae(cfg: VAEConfig):
 
 def build_text_encoder(cfg: UNetConfig):
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from .._tokenizer import VOCAB_SIZE
 
     config = CLIPTextConfig(
         vocab_size=VOCAB_SIZE,
@@ -210,7 +221,7 @@ def vae_round_trip_report(vae, n: int = 256, seed: int = 10_000) -> dict:
 
     Returns the share of images whose every attribute survives, and the share per attribute.
     """
-    from .oracle import read
+    from attnlens.shapes import read
 
     ds = ShapesDataset(n, seed=seed)
     keys = ("shape", "colour", "size", "position", "background")
@@ -358,8 +369,6 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
     ``None`` takes the checkpoint's (``cfg``'s for a new run), and a different value for a resumed run is
     an error.
     """
-    from .._tokenizer import load_tokenizer
-
     fixed = {"prediction_type": prediction_type, "text_table_steps": text_table_steps}
     cfg = replace(cfg, **{k: v for k, v in fixed.items() if v is not None})  # a resumed run checks them below
     if cfg.prediction_type not in ("epsilon", "v_prediction"):
@@ -456,7 +465,7 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
                              "scaling_factor": scale, "recipe_changes": changes})
 
 
-PACK = Path(__file__).resolve().parents[2] / "checkpoints" / "shapes-unet-resume.safetensors"
+PACK = CHECKPOINTS / "shapes-unet-resume.safetensors"
 """Where ``pack`` writes by default: beside the finished VAE stage, small enough to commit."""
 
 
@@ -478,8 +487,6 @@ def pack(workdir: Path, out: Path = PACK) -> Path:
     The sidecar keeps the checkpoint's metadata, the optimizer's settings and the training log.
     """
     from safetensors.torch import load_file, save_file
-
-    from .._tokenizer import VOCAB_SIZE
 
     ckpt = Path(workdir) / "unet.safetensors"
     if not ckpt.exists():
@@ -503,8 +510,6 @@ def pack(workdir: Path, out: Path = PACK) -> Path:
                     "log": log.read_text().splitlines() if log.exists() else []}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from ._checkpoint import _atomic_write
-
     _atomic_write(out, lambda tmp: save_file(packed, str(tmp)))
     _atomic_write(out.with_name(out.name + ".json"), lambda tmp: tmp.write_text(json.dumps(side)))
     return out
@@ -554,8 +559,6 @@ def unpack(src: Path, workdir: Path, vae: Path | None = None) -> Path:
     meta.setdefault("recipe_changes", []).append(
         {"step": meta["step"], "changed": {"resumed_from_pack": [False, True]}})
     ckpt = workdir / "unet.safetensors"
-    from ._checkpoint import _atomic_write
-
     _atomic_write(ckpt, lambda tmp: save_file(tensors, str(tmp)))
     _atomic_write(ckpt.with_name(ckpt.name + ".json"), lambda tmp: tmp.write_text(json.dumps(side)))
     if info["log"]:
@@ -566,7 +569,7 @@ def unpack(src: Path, workdir: Path, vae: Path | None = None) -> Path:
 def link_or_copy(src: Path, dst: Path) -> None:
     """Put ``src`` at ``dst``: a relative symbolic link when both lie inside the attnlens package (the
     embedded model's tokenizer files are the package's own, kept once in the repository), else a copy."""
-    package = Path(__file__).resolve().parents[1]
+    package = Path(attnlens.__file__).resolve().parent
     dst = Path(dst)
     if dst.is_symlink() or dst.exists():
         dst.unlink()
@@ -580,8 +583,6 @@ def link_or_copy(src: Path, dst: Path) -> None:
 def export(workdir: Path, out: Path, use_ema: bool = True) -> Path:
     """Write the trained parts as a diffusers ``StableDiffusionPipeline`` folder (fp16 safetensors)."""
     from diffusers import StableDiffusionPipeline
-
-    from .._tokenizer import load_tokenizer
 
     vae = _load_vae(workdir)
     ckpt = workdir / "unet.safetensors"
@@ -601,8 +602,7 @@ def export(workdir: Path, out: Path, use_ema: bool = True) -> Path:
     tok_dir = Path(out) / "tokenizer"
     (tok_dir / "tokenizer.json").unlink(missing_ok=True)
     for name in ("vocab.json", "merges.txt", "LICENSE"):
-        link_or_copy(Path(__file__).parents[1] / "tokenizer" / name, tok_dir / name)
-    from .card import summarize_log, weight_sums, write_card
+        link_or_copy(TOKENIZER_DIR / name, tok_dir / name)
 
     vae_meta = json.loads((workdir / "vae.safetensors.json").read_text())["meta"]
     record = {
@@ -615,17 +615,48 @@ def export(workdir: Path, out: Path, use_ema: bool = True) -> Path:
                  "unet": summarize_log(workdir / "unet_log.jsonl", meta["step"])},
         "sha256": weight_sums(out),  # load_pipeline checks these
     }
+    record["rebuild"] = rebuild_commands(record, UNetConfig())  # load_pipeline prints these for a damaged folder
     (Path(out) / "training.json").write_text(json.dumps(record, indent=1))
     write_card(out)
     return Path(out)
 
 
+def record_rebuild(folder: Path) -> Path:
+    """Write (or refresh) the rebuild commands in ``folder/training.json`` from what it records; the rest of
+    the record is kept as it is. Returns the record's path."""
+    path = Path(folder) / "training.json"
+    record = json.loads(path.read_text())
+    record["rebuild"] = rebuild_commands(record, UNetConfig())
+    path.write_text(json.dumps(record, indent=1))
+    return path
+
+
+def card(folder: Path, results: Path = RESULTS) -> Path:
+    """The ``card`` stage: refresh ``training.json``'s rebuild commands and ``tokenizer/LICENSE``, then
+    rewrite the model card from the recorded results. Returns the card's path."""
+    folder = Path(folder)
+    record_rebuild(folder)
+    if (folder / "tokenizer").is_dir():
+        link_or_copy(TOKENIZER_DIR / "LICENSE", folder / "tokenizer" / "LICENSE")
+    return write_card(folder, results)
+
+
+def text_path_current(folder: Path = EMBEDDED, record: Path = TEXT_PATH) -> bool:
+    """Whether the text-path benchmark's record was measured on what it reads of ``folder`` (its VAE,
+    tokenizer and scheduler): a new UNet or text encoder alone leaves it valid."""
+    data = json.loads(Path(record).read_text()) if Path(record).is_file() else None
+    return bool(data) and text_path_applies(data, folder)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m attnlens.shapes.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tools.shapes_model.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["vae", "unet", "export", "card", "pack", "unpack"],
+    parser.add_argument("stage", choices=["vae", "unet", "export", "card", "pack", "unpack", "text-path-current"],
                         help="card: rewrite the model card (README.md) of the --out folder from its training.json and "
-                        "benchmarks/results/shapes_quality.json (run it after benchmarks/shapes_quality.py)")
+                        "benchmarks/results/shapes_quality.json (run it after python -m benchmarks.shapes_quality), "
+                        "and refresh the rebuild commands in its training.json; text-path-current: exit status 0 "
+                        "if benchmarks/results/shapes_text_path.json fits the --out folder's (default: the "
+                        "embedded model's) VAE, tokenizer and scheduler, 1 if it must be rerun")
     parser.add_argument("--workdir", type=Path, default=Path("runs/shapes"))
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
@@ -655,6 +686,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, default=None,
                         help="card: the quality bar's results (default benchmarks/results/shapes_quality.json)")
     args = parser.parse_args(argv)
+    if args.stage == "text-path-current":
+        raise SystemExit(0 if text_path_current(args.out or EMBEDDED) else 1)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -670,11 +703,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.stage == "unpack":
         print(unpack(args.pack, args.workdir))
     elif args.stage == "card":
-        from .card import RESULTS, write_card
-
         if args.out is None:
             parser.error("card needs --out (the exported model folder)")
-        print(write_card(args.out, args.results or RESULTS))
+        print(card(args.out, args.results or RESULTS))
     else:
         if args.out is None:
             parser.error("export needs --out")
