@@ -7,21 +7,18 @@ every number in its prose from the build (glue), not from the keyboard.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
 
+from scripts import check_book
+
 yaml = pytest.importorskip("yaml")
 
 ROOT = Path(__file__).resolve().parent.parent
 TOC = ROOT / "_toc.yml"
-
-spec = importlib.util.spec_from_file_location("check_book", ROOT / "scripts" / "check_book.py")
-check_book = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(check_book)
 
 
 def pages() -> list[Path]:

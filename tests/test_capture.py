@@ -4,12 +4,7 @@ import torch
 
 import attnlens
 from attnlens import AttnlensError, Selector, capture, layers
-from attnlens._testing import captured_with_inputs, tiny_pipeline
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_pipeline()
+from attnlens._testing import captured_with_inputs
 
 
 def run(pipe, prompt="a red hexagon on the left", steps=3, guidance=7.5, seed=0):

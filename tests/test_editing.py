@@ -15,11 +15,6 @@ from attnlens._testing import tiny_pipeline
 STEPS = 4
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_pipeline()
-
-
 def plain(pipe, prompt, latents, guidance=7.5, steps=STEPS):
     return pipe(prompt, latents=latents, num_inference_steps=steps, guidance_scale=guidance, output_type="pt").images
 

@@ -17,16 +17,10 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 import attnlens
 import attnlens._collect as collect_module
 from attnlens import AttnlensError, Features, Selector, capture, collect, load_features, probe, probe_heatmap, shapes
-from attnlens._testing import tiny_pipeline
 
 STEPS = 2
 SITES = Selector(kind=None, layers=["mid.*", "up.1.0.*"])
 WORDS = {"shape": "{shape}", "colour": "{colour}", "end": "<end>"}
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_pipeline()
 
 
 def scenes():

@@ -18,23 +18,10 @@ import pytest
 import attnlens._pipeline as pipeline_module
 from attnlens import AttnlensError, load_pipeline
 from attnlens._pipeline import EMBEDDED_MODEL
-from attnlens._testing import tiny_pipeline
 from tools.shapes_model.card import fingerprint, render_card, summarize_log, weight_sums
 from tools.shapes_model.train import record_rebuild
 
 SIZE_LIMIT = 25_000_000  # issue 3: "at most 25 MB in total" (the folder's own files; tokenizer links are the package's)
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "pipe"
-    tiny_pipeline().save_pretrained(path, safe_serialization=True)
-    return path
-
-
-@pytest.fixture
-def copy(saved, tmp_path):
-    return Path(shutil.copytree(saved, tmp_path / "model"))
 
 
 def _as_export(folder: Path) -> None:

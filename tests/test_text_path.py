@@ -1,24 +1,19 @@
 """benchmarks/shapes_text_path.py: the three-arm training runs end to end and its gain reads 0 for an unchanged word."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from tools.shapes_model.train import TINY_UNET, build_text_encoder, build_unet
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def text_path():
-    spec = importlib.util.spec_from_file_location("shapes_text_path", ROOT / "benchmarks" / "shapes_text_path.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from benchmarks import shapes_text_path
+
+    return shapes_text_path
 
 
 def test_gain_is_zero_when_the_swapped_prompt_is_the_same(text_path):
