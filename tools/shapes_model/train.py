@@ -54,7 +54,7 @@ from attnlens.shapes import BACKGROUNDS, COLOURS, ShapesDataset
 
 from . import CHECKPOINTS, EMBEDDED
 from .card import RESULTS, TEXT_PATH, rebuild_commands, summarize_log, text_path_applies, weight_sums, write_card
-from .checkpoint import _atomic_write, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
 
 # ------------------------------------------------------------------------------------------ configs
 
@@ -510,8 +510,8 @@ def pack(workdir: Path, out: Path = PACK) -> Path:
                     "log": log.read_text().splitlines() if log.exists() else []}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out, lambda tmp: save_file(packed, str(tmp)))
-    _atomic_write(out.with_name(out.name + ".json"), lambda tmp: tmp.write_text(json.dumps(side)))
+    atomic_write(out, lambda tmp: save_file(packed, str(tmp)))
+    atomic_write(out.with_name(out.name + ".json"), lambda tmp: tmp.write_text(json.dumps(side)))
     return out
 
 
@@ -559,8 +559,8 @@ def unpack(src: Path, workdir: Path, vae: Path | None = None) -> Path:
     meta.setdefault("recipe_changes", []).append(
         {"step": meta["step"], "changed": {"resumed_from_pack": [False, True]}})
     ckpt = workdir / "unet.safetensors"
-    _atomic_write(ckpt, lambda tmp: save_file(tensors, str(tmp)))
-    _atomic_write(ckpt.with_name(ckpt.name + ".json"), lambda tmp: tmp.write_text(json.dumps(side)))
+    atomic_write(ckpt, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(ckpt.with_name(ckpt.name + ".json"), lambda tmp: tmp.write_text(json.dumps(side)))
     if info["log"]:
         (workdir / "unet_log.jsonl").write_text("\n".join(info["log"]) + "\n")
     return ckpt
