@@ -248,3 +248,22 @@ def test_card_shows_the_conditioning_gaps_only_for_these_weights(copy, tmp_path)
     cond["model_fingerprint"] = "0" * 64
     path.write_text(json.dumps(cond))
     assert "Does the model use each word?" not in render_card(copy, tmp_path / "absent.json", conditioning_path=path)
+
+
+def test_text_path_current_says_whether_the_record_fits_the_folder(copy, tmp_path):
+    """The tool verb rebench.sh asks before skipping the text-path benchmark: yes only for the VAE, tokenizer
+    and scheduler the record was measured on; a new UNet keeps it, a new VAE does not."""
+    from tools.shapes_model import train
+    from tools.shapes_model.card import TEXT_PATH_INPUTS
+
+    record = tmp_path / "text_path.json"
+    assert not train.text_path_current(copy, record)  # no record
+    record.write_text(json.dumps({"inputs_fingerprint": fingerprint(copy, TEXT_PATH_INPUTS)}))
+    assert train.text_path_current(copy, record)
+    (copy / "unet" / "config.json").write_text((copy / "unet" / "config.json").read_text() + " ")
+    assert train.text_path_current(copy, record)
+    (copy / "vae" / "config.json").write_text((copy / "vae" / "config.json").read_text() + " ")
+    assert not train.text_path_current(copy, record)
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["text-path-current", "--out", str(copy)])  # the committed record was not measured on it
+    assert exit_.value.code == 1
