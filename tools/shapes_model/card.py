@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 from pathlib import Path
 
 from attnlens._tokenizer import TOKENIZER_DIR
@@ -77,15 +76,14 @@ def weight_sums(folder: str | Path) -> dict[str, str]:
 
 
 def _parameters(path: Path) -> int:
-    """Number of parameters in a safetensors file, from its header alone."""
-    with path.open("rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
+    """Number of parameters in a safetensors file, from its header alone (read by safetensors itself)."""
+    from safetensors import safe_open
+
     total = 0
-    for name, t in header.items():
-        if name != "__metadata__":
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():
             count = 1
-            for d in t["shape"]:
+            for d in f.get_slice(name).get_shape():
                 count *= d
             total += count
     return total
