@@ -46,9 +46,10 @@ def _checker(chapter: str) -> Callable:
     return wrap
 
 
-def show(obj: Any) -> None:
-    """Print the source of a solution (the book's hidden solution cells use it)."""
-    print(inspect.getsource(obj))
+def show(*objs: Any) -> None:
+    """Print the source of solutions (the book's hidden solution cells use it)."""
+    for obj in objs:
+        print(inspect.getsource(obj))
 
 
 def _close(name: str, got: Any, want: torch.Tensor, atol: float, what: str) -> None:
