@@ -347,8 +347,8 @@ def check_mask_iou(iou: Callable) -> None:
     for pair in editbench.edit_pairs(seeds=2):
         src = Image.fromarray(shapes.render(pair.scene)[0])
         dst = Image.fromarray(shapes.render(pair.target_scene)[0])
-        want = editbench.score(pair, src, dst)["iou"]
         got = float(iou(src, dst))
+        want = editbench.score(pair, src, dst)["iou"]
         if not (abs(got - want) <= 1e-6 or (np.isnan(got) and np.isnan(want))):
             raise ExerciseFailed(f"check_mask_iou: IoU {got:.4f} for the {pair.kind} edit of seed {pair.seed} "
                                  f"({pair.source_prompt!r} to {pair.target_prompt!r}); the benchmark says {want:.4f}")
