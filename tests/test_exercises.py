@@ -120,3 +120,10 @@ def test_checker_passes_the_solution_and_rejects_a_wrong_one(check, right, wrong
         check(wrong)
     assert check(untouched) is False
     assert "not attempted" in capsys.readouterr().out
+
+
+def test_the_package_docstring_example_runs():
+    import doctest
+
+    result = doctest.testmod(ex, verbose=False)
+    assert result.attempted > 0 and result.failed == 0
