@@ -75,13 +75,13 @@ def test_nested_captures_both_record_and_unwind(pipe):
 def test_no_cfg_batch_several_prompts_and_branches(pipe):
     with capture(pipe) as cache:
         run(pipe, guidance=1.0, steps=2)
-    assert cache.items == [("cond", 0)]
+    assert cache.item_keys == [("cond", 0)]
     with pytest.raises(AttnlensError, match="no unconditional branch"):
         with capture(pipe, branch="uncond"):
             run(pipe, guidance=1.0, steps=1)
     with capture(pipe, branch="both") as cache:
         run(pipe, ["a red star", "a blue hexagon at the top"], steps=2)
-    assert cache.items == [("uncond", 0), ("uncond", 1), ("cond", 0), ("cond", 1)]
+    assert cache.item_keys == [("uncond", 0), ("uncond", 1), ("cond", 0), ("cond", 1)]
     assert cache["up.1.1.cross", 0].shape[0] == 4
     assert cache.words(1) == ["a", "blue", "hexagon", "at", "the", "top"]
     assert cache.word_map("hexagon", prompt=1).shape == (8, 8)
