@@ -47,8 +47,8 @@ import torch
 
 from ._capture import capture
 from ._errors import AttnlensError, choices
-from ._features import (FORMAT, RESERVED, SELF, Features, Key, _key_str, _short, load_features, shard_path,
-                        site_name)
+from ._features import FORMAT, SELF, Features, Key, _key_str, load_features, shard_path, site_name
+from ._identity import fingerprint
 from ._layers import LayerTable, layers as list_layers
 from ._prompts import token_weights, tokenize, words as prompt_words
 from ._select import Selector
@@ -171,19 +171,6 @@ class _Plan:
     config: dict
 
 
-def _fingerprint(pipe: Any) -> dict:
-    from ._layers import get_unet
-
-    unet = get_unet(pipe)
-    cfg = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
-    sums = [float(unet.conv_in.weight.detach().double().sum()), float(unet.conv_out.weight.detach().double().sum())]
-    text = getattr(pipe, "text_encoder", None)
-    if text is not None:
-        sums.append(float(next(text.parameters()).detach().double().sum()))
-    return {"unet_config": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16],
-            "weights": [f"{s:.5g}" for s in sums], "dtype": str(unet.dtype)}
-
-
 def _plan(pipe, data, labels, seeds, words, sites, resolution, self_grid, num_inference_steps, guidance_scale,
           pipe_kwargs, image_labels, shard_size) -> _Plan:
     sel = Selector(kind="cross") if sites is None else sites
@@ -212,7 +199,7 @@ def _plan(pipe, data, labels, seeds, words, sites, resolution, self_grid, num_in
     items_hash = hashlib.sha256(rows.to_csv(index=False).encode()).hexdigest()[:16]
     config = {
         "format": FORMAT,
-        "model": _fingerprint(pipe),
+        "model": fingerprint(pipe),
         "items": items_hash,
         "n_items": len(rows),
         "words": {k: (v if isinstance(v, (str, int)) else list(map(str, v))) for k, v in

@@ -23,20 +23,15 @@ from PIL import Image
 from ._capture import capture as _capture
 from ._control import control
 from ._errors import AttnlensError
-from ._images import decode as _decode, to_pil as _to_pil
+from ._images import to_pil as _to_pil
 from ._inversion import DEFAULT_GUIDANCE, DEFAULT_STEPS, Inversion, invert
 from ._layers import get_unet
 from ._methods import (METHODS, CrossOptions, EditPlan, FPEOptions, MasaCtrlOptions, NoneOptions, P2POptions,
                        default_layers, options_for, plan as _plan)
-from ._prompts import alignment, check_prompt as _check_prompt, tokenize, token_indices
+from ._prompts import check_prompt as _check_prompt, token_indices, tokenize
 
 __all__ = ["EditResult", "edit", "edit_image", "start_noise", "METHODS", "FPEOptions", "P2POptions", "CrossOptions",
            "MasaCtrlOptions", "NoneOptions", "Inversion", "invert", "default_layers"]
-
-
-def _alignment(pipe: Any, source: str, target: str, mode: str) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """``(mapper, alpha, mode)`` of :func:`attnlens._prompts.alignment` with the pipeline's tokenizer."""
-    return alignment(pipe.tokenizer, source, target, mode)
 
 
 # ------------------------------------------------------------------------------------------ result

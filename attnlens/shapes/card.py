@@ -14,11 +14,10 @@ run; otherwise the card says they are still to be measured and how.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import struct
 from pathlib import Path
 
+from .._identity import fingerprint, safetensors_header, weight_sums  # noqa: F401 (the card's facts; kept importable here)
 from ._world import ATTRIBUTES, IMAGE_SIZE, MENTION_PROBABILITY
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,26 +35,6 @@ TOKENIZER_LICENSE = Path(__file__).resolve().parents[1] / "tokenizer" / "LICENSE
 # ------------------------------------------------------------------------------------------ facts
 
 
-def fingerprint(folder: str | Path, parts: tuple[str, ...] | None = None) -> str | None:
-    """SHA-256 over a diffusers folder's weights and configs (not ``training.json`` or ``README.md``).
-
-    Two folders with the same fingerprint generate the same images. ``parts`` (subfolder names such as
-    ``("vae", "scheduler")``) limits it to those components, for a result that depends on them alone.
-    ``None`` if ``folder`` is not a local folder (a hub id).
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    h = hashlib.sha256()
-    for f in sorted(folder.rglob("*")):
-        if parts is not None and f.relative_to(folder).parts[0] not in parts:
-            continue
-        if f.is_file() and f.suffix in (".safetensors", ".json") and f.name != "training.json":
-            h.update(str(f.relative_to(folder)).encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()
-
-
 def text_path_applies(record: dict, folder: str | Path) -> bool:
     """Whether a benchmarks/shapes_text_path.py record was measured on what it reads of ``folder``
     (:data:`TEXT_PATH_INPUTS`; a record without that fingerprint, on the whole folder)."""
@@ -64,18 +43,9 @@ def text_path_applies(record: dict, folder: str | Path) -> bool:
     return record.get("model_fingerprint") == fingerprint(folder)
 
 
-def weight_sums(folder: str | Path) -> dict[str, str]:
-    """``{relative path: SHA-256}`` of every safetensors file in ``folder`` (recorded in ``training.json``)."""
-    folder = Path(folder)
-    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(folder.rglob("*.safetensors"))}
-
-
 def _parameters(path: Path) -> int:
     """Number of parameters in a safetensors file, from its header alone."""
-    with path.open("rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
+    header = safetensors_header(path)[1]
     total = 0
     for name, t in header.items():
         if name != "__metadata__":
