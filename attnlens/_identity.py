@@ -110,8 +110,9 @@ def _memory_fingerprint(pipe: Any, parts: tuple[str, ...] | None) -> str:
         h.update(name.encode())
         config = getattr(comp, "config", None)
         if config is not None:
-            h.update(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}, sort_keys=True,
-                                default=str).encode())
+            cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+            cfg = {k: v for k, v in cfg.items() if not k.startswith("_") and k != "transformers_version"}
+            h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
         if isinstance(comp, torch.nn.Module):
             for key, t in comp.state_dict().items():
                 h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())

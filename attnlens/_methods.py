@@ -168,7 +168,7 @@ def p2p_layers(table: list[LayerInfo]) -> list[str]:
     Example:
         >>> from attnlens._testing import tiny_pipeline
         >>> p2p_layers(list_layers(tiny_pipeline()))
-        ['down.1.0.cross', 'up.0.0.cross', 'up.0.1.cross']
+        ['down.0.0.cross', 'up.1.0.cross', 'up.1.1.cross']
     """
     cands = [i for i in table if i.kind == "cross" and not i.name.startswith("mid")]
     if not cands:
