@@ -34,7 +34,8 @@ def _as_index(rows: list[int]) -> list[int] | slice:
 class _Recorder:
     """The capture hook: stores maps of the selected items, steps and heads."""
 
-    def __init__(self, selector: Selector, cache: AttentionCache, store_dtype, reduce, resolution,
+    def __init__(self, selector: Selector, cache: AttentionCache, store_dtype: torch.dtype, reduce: str | None,
+                 resolution: int | None,
                  budget: int, chosen: list[LayerInfo]) -> None:
         self.clock: StepClock | None = None
         self.sel, self.cache = selector, cache

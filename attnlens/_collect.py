@@ -479,7 +479,7 @@ def collect(
     return load_features(root)
 
 
-def _bar(progress: bool, total: int, rank: int, desc: str):
+def _bar(progress: bool, total: int, rank: int, desc: str) -> Any:
     if not progress or total == 0:
         return None
     from tqdm.auto import tqdm

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ._cache import AttentionCache
 from ._capture import capture as _capture
 from ._control import control
 from ._errors import AttnlensError
@@ -54,9 +55,9 @@ class EditResult:
     method: str
     settings: dict
     latents: torch.Tensor
-    cache: Any = None
+    cache: AttentionCache | None = None
     seconds: float = 0.0
-    inversion: Any = None
+    inversion: Inversion | None = None
     pixels: torch.Tensor | None = None
 
     def _repr_html_(self) -> str:  # pragma: no cover - notebook display
@@ -99,7 +100,7 @@ def _settings(p: EditPlan, hw: tuple[int, int], steps: int, guidance: float, see
 
 def _run(pipe: Any, p: EditPlan, source: str, target: str, latents: torch.Tensor, steps: int, guidance: float,
          capture: Any, negative_prompt: Any, callbacks: list, embeds: dict | None, height: int | None,
-         width: int | None) -> tuple[torch.Tensor, Any]:
+         width: int | None) -> tuple[torch.Tensor, AttentionCache | None]:
     """Run the plan: ``(pixels (2, 3, H, W) in [0, 1], the user's capture cache or None)``."""
     blend = getattr(p.options, "local_blend", None)
     with contextlib.ExitStack() as stack:
@@ -113,7 +114,7 @@ def _run(pipe: Any, p: EditPlan, source: str, target: str, latents: torch.Tensor
         if blend is not None:
             callbacks = callbacks + [_local_blend(pipe, stack, p, source, target, steps)]
 
-        def on_step_end(p, i, t, kw):
+        def on_step_end(p: Any, i: int, t: Any, kw: dict) -> dict:
             out = {}
             for cb in callbacks:
                 out.update(cb(i, {**kw, **out}) or {})

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from ._control import Controller, Site
+from ._hooks import MapEdit
 from ._errors import AttnlensError, choices
 from ._layers import LayerInfo, LayerTable, layers as list_layers
 from ._prompts import alignment, token_indices, tokenize
@@ -322,7 +323,8 @@ class _InjectRows(Controller):
 
     parts: tuple[int, int]  # indices into (q, k, v)
 
-    def rewrite(self, site, q, k, v):
+    def rewrite(self, site: Site, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pairs = _pairs(site, self.selector.branch)
         if not pairs:
             return q, k, v
@@ -346,7 +348,7 @@ class InjectQK(_InjectRows):
 class CopyMap(Controller):
     """The target's attention map := the source's (explicit map: FPE's reference path, P2P's self copy)."""
 
-    def edit_map(self, site):
+    def edit_map(self, site: Site) -> MapEdit | None:
         pairs = _pairs(site, self.selector.branch)
         if not pairs:
             return None
@@ -379,7 +381,7 @@ class CrossMapEdit(Controller):
         super().__init__(selector)
         self.mapper, self.alpha, self.scale, self.replace_steps = mapper, alpha, scale or {}, replace_steps
 
-    def edit_map(self, site):
+    def edit_map(self, site: Site) -> MapEdit | None:
         replace = self.replace_steps is None or site.step in self.replace_steps
         todo = [(b, t) for b in site.branches(self.selector.branch) for t in range(1, site.n_prompts)
                 if (replace and t in self.mapper) or t in self.scale]

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -96,7 +96,7 @@ def check_model_folder(folder: str | os.PathLike) -> None:
     """
     folder = Path(folder)
 
-    def fail(path: Path, problem: str):
+    def fail(path: Path, problem: str) -> NoReturn:
         raise AttnlensError(f"cannot load the model in {folder}: {path} {problem}. {_rebuild_hint(folder)}")
 
     index = folder / "model_index.json"
@@ -146,7 +146,8 @@ def check_model_folder(folder: str | os.PathLike) -> None:
                 fail(path, "is corrupt (its SHA-256 differs from the one training.json recorded at export)")
 
 
-def default_device_dtype(device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+def default_device_dtype(device: str | torch.device | None = None,
+                         dtype: torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
     """CUDA in fp16 when available, else CPU in fp32 (either can be given explicitly)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
