@@ -3,9 +3,8 @@
 Public names: :func:`load_pipeline`, :func:`layers`, :func:`capture`, :class:`Selector`, :class:`AttentionCache`,
 :class:`AttnlensError`; probing with :func:`collect`, :class:`Features`, :func:`load_features`,
 :func:`probe` and :func:`probe_heatmap`; editing with :func:`edit` (from :func:`start_noise`), :func:`invert`,
-:func:`edit_image`, the
-method option types (:class:`FPEOptions`, :class:`P2POptions`, :class:`CrossOptions`, :class:`MasaCtrlOptions`,
-:class:`NoneOptions`) and :class:`Controller` / :func:`control` with the built-in controllers
+:func:`edit_image`, the method option types (:class:`FPEOptions`, :class:`P2POptions`, :class:`CrossOptions`,
+:class:`MasaCtrlOptions`, :class:`NoneOptions`) and :class:`Controller` / :func:`control` with the built-in controllers
 (:class:`InjectQK`, :class:`InjectKV`, :class:`CopyMap`, :class:`CrossMapEdit`); and the :mod:`attnlens.shapes` world.
 """
 

@@ -7,7 +7,7 @@
   pipeline in memory, over its components' configs and weights (two models with the same fingerprint
   generate the same images).
 
-Imports only the standard library, torch and ``_errors``; imported by the loader, collection and the
+Imports only the standard library (and torch, for a pipeline in memory); imported by the loader, collection and the
 development tools (model card, benchmarks).
 """
 

@@ -340,7 +340,22 @@ class _InjectRows(Controller):
 
 class InjectQK(_InjectRows):
     """Free-Prompt Editing, fused: target queries and keys := the source's, so the target's output is
-    ``softmax(Q_src K_src^T / sqrt(d)) V_tgt`` without materialising the map."""
+    ``softmax(Q_src K_src^T / sqrt(d)) V_tgt`` without materialising the map.
+
+    The built-in controllers work on a batch ``[source, target, ...]`` (prompt 0 is the source) and compose
+    with :func:`attnlens.control` like any :class:`~attnlens.Controller`.
+
+    Example (FPE by hand on the mid block, source and target in one batch):
+        >>> import torch
+        >>> from attnlens import Selector, control
+        >>> from attnlens._testing import tiny_pipeline
+        >>> pipe = tiny_pipeline()
+        >>> with control(pipe, InjectQK(Selector(kind="self", layers="mid.*", steps=(0.0, 0.8)))):
+        ...     out = pipe(["a red star", "a blue star"], num_inference_steps=2, output_type="pt",
+        ...                generator=torch.Generator().manual_seed(0)).images
+        >>> out.shape
+        torch.Size([2, 3, 16, 16])
+    """
 
     parts = (0, 1)
 
