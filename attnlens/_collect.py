@@ -79,7 +79,8 @@ def _table(data: Any, labels: Any, seeds: Any) -> tuple[pd.DataFrame, np.ndarray
                 recs.append({"prompt": d})
             else:
                 raise AttnlensError(f"item {i} is a {type(d).__name__}; give prompts as str, shapes.Scene, "
-                                    "shapes.Example or a DataFrame with a 'prompt' column")
+                                    "shapes.Example (any object with prompt_row()) or a DataFrame with a 'prompt' "
+                                    "column")
         rows = pd.DataFrame(recs)
     if labels is not None:
         lab = labels if isinstance(labels, pd.DataFrame) else pd.DataFrame(dict(labels))
@@ -371,9 +372,10 @@ def collect(
     Args:
         pipe: a diffusers Stable Diffusion-family pipeline (:func:`attnlens.load_pipeline`).
         data: prompts with labels: a list of :class:`attnlens.shapes.Scene` (prompt: its canonical
-            description; labels: its five attributes), of :class:`~attnlens.shapes.Example`, of str
-            (labels from ``labels=``), or a DataFrame with a ``prompt`` column, label columns and
-            optionally a ``seed`` column (then one generation per row).
+            description; labels: its five attributes), of :class:`~attnlens.shapes.Example`, of any object
+            with a ``prompt_row()`` method returning ``{"prompt": ..., label: value, ...}`` (what those two
+            have), of str (labels from ``labels=``), or a DataFrame with a ``prompt`` column, label columns
+            and optionally a ``seed`` column (then one generation per row).
         words: the word whose cross-attention map is read: a word or phrase of the prompt, ``"<end>"``,
             ``"<start>"``, a token index, or a template over the labels (``"{shape}"`` reads each prompt's
             own shape word); or a dict ``{feature name: spec}`` to read several words from the same
@@ -392,7 +394,8 @@ def collect(
         resolution: downsample cross-attention maps to at most this grid side (``None``: the layer's grid).
         self_grid: side of the pooled query and key grids of the self-attention summary.
         image_labels: optional ``image -> {column: value}`` (for instance the Shapes oracle) run on each
-            generated image; its columns join the labels (the images are decoded only then).
+            generated image; its columns join the labels (the images are decoded only then). Without it, each
+            pipeline call stops after the last selected step: later steps would be read by nothing.
         pipe_kwargs: further keyword arguments of every pipeline call (``height``, ``negative_prompt``...).
         progress: show a progress bar.
 
