@@ -29,7 +29,7 @@ from ._inversion import DEFAULT_GUIDANCE, DEFAULT_STEPS, Inversion, invert
 from ._layers import get_unet
 from ._methods import (METHODS, CrossOptions, EditPlan, FPEOptions, MasaCtrlOptions, NoneOptions, P2POptions,
                        default_layers, options_for, plan as _plan)
-from ._prompts import check_prompt as _check_prompt, token_indices, tokenize
+from ._prompts import batch_row, check_prompt as _check_prompt, token_indices, tokenize
 
 __all__ = ["EditResult", "edit", "edit_image", "start_noise", "METHODS", "FPEOptions", "P2POptions", "CrossOptions",
            "MasaCtrlOptions", "NoneOptions", "Inversion", "invert", "default_layers"]
@@ -249,7 +249,9 @@ def edit_image(pipe: Any, image: Any, target_prompt: str, source_prompt: str = "
         out = {"latents": lat}
         if inv.null_embeddings is not None and i + 1 < n and guidance_scale > 1:
             pe = kw["prompt_embeds"].clone()
-            pe[: pe.shape[0] // 2] = inv.null_embeddings[i + 1].to(pe.device, pe.dtype)
+            n_prompts = pe.shape[0] // 2
+            uncond = [batch_row(q, "uncond", n_prompts, True) for q in range(n_prompts)]
+            pe[uncond] = inv.null_embeddings[i + 1].to(pe.device, pe.dtype)
             out["prompt_embeds"] = pe
         return out
 
