@@ -114,7 +114,7 @@ def _run(pipe: Any, p: EditPlan, source: str, target: str, latents: torch.Tensor
         if blend is not None:
             callbacks = callbacks + [_local_blend(pipe, stack, p, source, target, steps)]
 
-        def on_step_end(p: Any, i: int, t: Any, kw: dict) -> dict:
+        def on_step_end(_pipe: Any, i: int, t: Any, kw: dict) -> dict:
             out = {}
             for cb in callbacks:
                 out.update(cb(i, {**kw, **out}) or {})
@@ -153,7 +153,7 @@ def _local_blend(pipe: Any, stack: contextlib.ExitStack, p: EditPlan, source: st
         maps = torch.stack([cache[name, i].mean(dim=1) for name in names]).mean(dim=0)  # (2, h, w, 77)
         masks = []
         for prompt, word in ((0, ws), (1, wt)):
-            idx = token_indices(tokens[prompt], word)
+            idx = token_indices(tokens[prompt], word, prompt)
             m = maps[cache._item(prompt, "cond")][..., idx].sum(-1)[None, None]
             m = F.max_pool2d(m, 3, stride=1, padding=1)
             masks.append(m)
