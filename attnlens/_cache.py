@@ -5,45 +5,39 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ._errors import AttnlensError
 from ._layers import LayerInfo
-
-SPECIAL = {"<start>": "start", "<|startoftext|>": "start", "<end>": "end", "<|endoftext|>": "end", "<pad>": "pad"}
-
-
-def _words(tokens: list[str]) -> list[tuple[str, list[int]]]:
-    """Group a prompt's tokens (start token first) into words: ``[(word, token positions)]``."""
-    out: list[tuple[str, list[int]]] = []
-    current, pos = "", []
-    for i, tok in enumerate(tokens[1:], start=1):
-        if tok == "<|endoftext|>":
-            break
-        current += tok.replace("</w>", "")
-        pos.append(i)
-        if tok.endswith("</w>"):
-            out.append((current, pos))
-            current, pos = "", []
-    if pos:
-        out.append((current, pos))
-    return out
-
+from ._prompts import token_indices as _token_indices, words as _words
 
 class AttentionCache:
     """Attention maps of one run. ``cache[layer, step]`` is ``(items, heads, h, w, keys)``.
 
-    ``items`` follow :attr:`items` (``(branch, prompt)`` pairs, unconditional first); maps reduced over
-    steps at capture time are under step ``None``.
+    ``items`` follow :attr:`item_keys` (``(branch, prompt)`` pairs, unconditional first); maps reduced over
+    steps at capture time are under step ``None``. The cache is a read-only mapping from ``(layer, step)``
+    keys to maps: ``(layer, step) in cache``, ``for key in cache``, ``cache.keys()``, ``cache.items()``.
+
+    Example:
+        >>> import torch
+        >>> from attnlens import capture
+        >>> from attnlens._testing import tiny_pipeline
+        >>> pipe = tiny_pipeline()
+        >>> with capture(pipe, layers="mid.0.cross", steps=[1]) as cache:
+        ...     _ = pipe("a red star", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+        >>> ("mid.0.cross", 1) in cache, list(cache), cache.item_keys
+        (True, [('mid.0.cross', 1)], [('cond', 0)])
+        >>> [(key, tuple(m.shape)) for key, m in cache.items()]
+        [(('mid.0.cross', 1), (1, 1, 4, 4, 77))]
     """
 
     def __init__(self, layers: dict[str, LayerInfo], tokenizer: Any = None) -> None:
         self.layers = layers
         self.maps: dict[tuple[str, int | None], torch.Tensor] = {}
-        self.items: list[tuple[str, int]] = []
+        self.item_keys: list[tuple[str, int]] = []
         self.steps: list[int] = []
         self.latent_hw: tuple[int, int] = (0, 0)
         self.tokens: list[list[str]] = []
@@ -59,7 +53,7 @@ class AttentionCache:
             self._text_calls.append(ids.detach().cpu())
 
     def _begin(self, rows, steps, latent_hw) -> None:
-        self.items = [(branch, p) for _, branch, p in rows]
+        self.item_keys = [(branch, p) for _, branch, p in rows]
         self.steps, self.latent_hw = list(steps), tuple(latent_hw)
         if self._text_calls and self._tokenizer is not None:
             ids = self._text_calls[0]  # the pipeline encodes the prompts before the negative prompts
@@ -111,16 +105,27 @@ class AttentionCache:
         return m
 
     def keys(self) -> list[tuple[str, int | None]]:
+        """The ``(layer, step)`` keys of the stored maps (step ``None`` for maps reduced over steps)."""
         return list(self.maps)
+
+    def items(self) -> list[tuple[tuple[str, int | None], torch.Tensor]]:
+        """``[((layer, step), map)]`` for every stored map (reduced maps as :meth:`__getitem__` returns them)."""
+        return [(key, self[key]) for key in self.maps]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.maps
+
+    def __iter__(self) -> Iterator[tuple[str, int | None]]:
+        return iter(list(self.maps))
 
     def __len__(self) -> int:
         return len(self.maps)
 
     def _item(self, prompt: int, branch: str) -> int:
         try:
-            return self.items.index((branch, prompt))
+            return self.item_keys.index((branch, prompt))
         except ValueError:
-            raise AttnlensError(f"prompt {prompt} ({branch}) was not captured; captured items: {self.items}") from None
+            raise AttnlensError(f"prompt {prompt} ({branch}) was not captured; captured items: {self.item_keys}") from None
 
     def aggregate(self, layers: Sequence[str] | None = None, steps: Sequence[int] | None = None,
                   kind: str = "cross", size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -150,13 +155,11 @@ class AttentionCache:
         return out / len(maps)
 
     def p2p_layers(self) -> list[str]:
-        """Prompt-to-Prompt's layers: cross-attention of the down and up blocks at their lowest resolution
-        (the 16x16 maps of SD 1.x at 512x512)."""
-        cands = [i for i in self.layers.values() if i.kind == "cross" and not i.name.startswith("mid")]
-        if not cands:
-            raise AttnlensError("Prompt-to-Prompt's recipe needs cross-attention layers of the down and up blocks; none was captured")
-        deepest = max(i.level for i in cands)
-        return [i.name for i in cands if i.level == deepest]
+        """Prompt-to-Prompt's layers among the captured ones (:func:`attnlens._methods.p2p_layers`): cross-attention
+        of the down and up blocks at their lowest resolution (the 16x16 maps of SD 1.x at 512x512)."""
+        from ._methods import p2p_layers
+
+        return p2p_layers(list(self.layers.values()))
 
     def p2p_maps(self) -> torch.Tensor:
         """The Prompt-to-Prompt recipe: :meth:`aggregate` over :meth:`p2p_layers`, ``(items, h, w, 77)``."""
@@ -180,30 +183,7 @@ class AttentionCache:
         ``word`` may be a word or phrase of the prompt (case-insensitive), ``"<start>"``, ``"<end>"``,
         ``"<pad>"`` (every position after the end token), or a token index.
         """
-        tokens = self._prompt_tokens(prompt)
-        words = _words(tokens)
-        end = 1 + sum(len(p) for _, p in words)
-        if isinstance(word, int):
-            if not 0 <= word < len(tokens):
-                raise AttnlensError(f"token index {word} out of range 0..{len(tokens) - 1}")
-            return [word]
-        special = SPECIAL.get(word.strip().lower())
-        if special == "start":
-            return [0]
-        if special == "end":
-            return [end]
-        if special == "pad":
-            return list(range(end + 1, len(tokens)))
-        want = word.lower().split()
-        have = [w for w, _ in words]
-        found = [i for i in range(len(have) - len(want) + 1) if have[i : i + len(want)] == want]
-        if len(found) <= occurrence:
-            raise AttnlensError(
-                f"{word!r} is not a word of prompt {prompt} (occurrence {occurrence}); its words: {have}; its tokens: "
-                f"{tokens[: end + 1]}; also valid: '<start>', '<end>', '<pad>' or a token index"
-            )
-        i = found[occurrence]
-        return [p for _, pos in words[i : i + len(want)] for p in pos]
+        return _token_indices(self._prompt_tokens(prompt), word, prompt, occurrence)
 
     def word_map(self, word: str | int, prompt: int = 0, *, layers: Sequence[str] | None = None,
                  steps: Sequence[int] | None = None, branch: str = "cond", occurrence: int = 0,
@@ -226,7 +206,7 @@ class AttentionCache:
         tensors = {f"{layer}@{'reduced' if step is None else step}": t.contiguous() for (layer, step), t in self.maps.items()}
         meta = {
             "layers": {n: i.to_dict() for n, i in self.layers.items()},
-            "items": self.items, "steps": self.steps, "latent_hw": list(self.latent_hw), "tokens": self.tokens,
+            "items": self.item_keys, "steps": self.steps, "latent_hw": list(self.latent_hw), "tokens": self.tokens,
             "counts": self._counts, "reduce": self._reduce,
         }
         tmp = path.with_name(path.name + ".tmp")
@@ -248,7 +228,7 @@ class AttentionCache:
             for key in f.keys():
                 layer, step = key.rsplit("@", 1)
                 cache.maps[(layer, None if step == "reduced" else int(step))] = f.get_tensor(key)
-        cache.items = [tuple(x) for x in meta["items"]]
+        cache.item_keys = [tuple(x) for x in meta["items"]]
         cache.steps, cache.latent_hw, cache.tokens = meta["steps"], tuple(meta["latent_hw"]), meta["tokens"]
         cache._counts, cache._reduce = meta["counts"], meta["reduce"]
         return cache

@@ -5,20 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from ._errors import AttnlensError
+from ._identity import HeaderError, safetensors_header
 
 EMBEDDED_MODEL = Path(__file__).parent / "models" / "shapes"
 """Where the embedded Shapes model lives (a diffusers folder)."""
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
-_MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 
 
 def _recorded_rebuild(record: Path) -> list[tuple[str, str]]:
@@ -58,21 +57,10 @@ def _safetensors_problem(path: Path) -> str | None:
     read the tensor data.
     """
     size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if head.startswith(b"version "):
-            return "is a Git LFS pointer, not the weights (run `git lfs pull`)"
-        if len(head) < 8:
-            return f"is truncated ({size} bytes: not even a safetensors header)"
-        n = struct.unpack("<Q", head)[0]
-        if n > _MAX_HEADER or n > size - 8:
-            return f"is truncated or not a safetensors file (header length {n} does not fit in {size} bytes)"
-        try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            return "is not a safetensors file (its header is not valid JSON)"
-    if not isinstance(header, dict):
-        return "is not a safetensors file (its header is not a JSON object)"
+    try:
+        n, header = safetensors_header(path)
+    except HeaderError as exc:
+        return str(exc)
     end = 0
     for name, t in header.items():
         if name == "__metadata__":
@@ -106,7 +94,7 @@ def check_model_folder(folder: str | os.PathLike) -> None:
     """
     folder = Path(folder)
 
-    def fail(path: Path, problem: str):
+    def fail(path: Path, problem: str) -> NoReturn:
         raise AttnlensError(f"cannot load the model in {folder}: {path} {problem}. {_rebuild_hint(folder)}")
 
     index = folder / "model_index.json"
@@ -156,7 +144,8 @@ def check_model_folder(folder: str | os.PathLike) -> None:
                 fail(path, "is corrupt (its SHA-256 differs from the one training.json recorded at export)")
 
 
-def default_device_dtype(device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+def default_device_dtype(device: str | torch.device | None = None,
+                         dtype: torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
     """CUDA in fp16 when available, else CPU in fp32 (either can be given explicitly)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

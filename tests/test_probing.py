@@ -77,6 +77,21 @@ def test_a_generation_does_not_depend_on_its_batch(pipe, reference):
     assert_same(reference, run(pipe, batch_size=5))
 
 
+def test_collection_stops_the_pipeline_after_the_last_selected_step(pipe, reference):
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        f = collect(pipe, scenes()[:1], words="{shape}", sites=Selector(layers="mid.0.cross", steps=[0, 1]),
+                    num_inference_steps=10, progress=False)
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # steps 0 and 1 of 10: one UNet call each (CFG is batched)
+    assert f.keys() == [("{shape}", "mid.0.cross", 0), ("{shape}", "mid.0.cross", 1)]
+    early = run(pipe, sites=Selector(kind=None, layers=["mid.*", "up.1.0.*"], steps=[0]))
+    for key in early.keys():  # stopping early changes nothing that is read
+        np.testing.assert_allclose(early[key], reference[key], atol=1e-5, err_msg=str(key))
+
+
 def test_paper_style_prompts_with_labels_and_per_prompt_words(pipe):
     prompts = ["a red car", "a blue car", "a dog standing in the park", "a rabbit standing in the park"]
     f = collect(pipe, prompts, labels={"kind": ["car", "car", "animal", "animal"]},

@@ -17,10 +17,10 @@ run's defaults as an argument.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
+from attnlens._identity import fingerprint, weight_sums  # noqa: F401 (the card's facts; kept importable here)
 from attnlens._tokenizer import TOKENIZER_DIR
 from attnlens.shapes._world import ATTRIBUTES, IMAGE_SIZE, MENTION_PROBABILITY
 
@@ -40,39 +40,12 @@ TOKENIZER_LICENSE = TOKENIZER_DIR / "LICENSE"
 # ------------------------------------------------------------------------------------------ facts
 
 
-def fingerprint(folder: str | Path, parts: tuple[str, ...] | None = None) -> str | None:
-    """SHA-256 over a diffusers folder's weights and configs (not ``training.json`` or ``README.md``).
-
-    Two folders with the same fingerprint generate the same images. ``parts`` (subfolder names such as
-    ``("vae", "scheduler")``) limits it to those components, for a result that depends on them alone.
-    ``None`` if ``folder`` is not a local folder (a hub id).
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    h = hashlib.sha256()
-    for f in sorted(folder.rglob("*")):
-        if parts is not None and f.relative_to(folder).parts[0] not in parts:
-            continue
-        if f.is_file() and f.suffix in (".safetensors", ".json") and f.name != "training.json":
-            h.update(str(f.relative_to(folder)).encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()
-
-
 def text_path_applies(record: dict, folder: str | Path) -> bool:
     """Whether a benchmarks/shapes_text_path.py record was measured on what it reads of ``folder``
     (:data:`TEXT_PATH_INPUTS`; a record without that fingerprint, on the whole folder)."""
     if "inputs_fingerprint" in record:
         return record["inputs_fingerprint"] == fingerprint(folder, TEXT_PATH_INPUTS)
     return record.get("model_fingerprint") == fingerprint(folder)
-
-
-def weight_sums(folder: str | Path) -> dict[str, str]:
-    """``{relative path: SHA-256}`` of every safetensors file in ``folder`` (recorded in ``training.json``)."""
-    folder = Path(folder)
-    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(folder.rglob("*.safetensors"))}
 
 
 def _parameters(path: Path) -> int:
