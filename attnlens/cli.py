@@ -163,7 +163,7 @@ def _edit(args) -> None:
     from ._pipeline import load_pipeline
 
     if args.method not in METHODS:
-        raise AttnlensError(f"--method {args.method!r} is not a method; valid: {', '.join(METHODS)}")
+        raise AttnlensError(f"--method: unknown editing method {args.method!r}; valid: {', '.join(METHODS)}")
     opts = _options(args.option)
     if args.image:
         _image_in(args.image)
@@ -198,7 +198,7 @@ def _shapesedit(args) -> None:
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise AttnlensError(f"--methods {args.methods!r}: {', '.join(bad) or 'no method'} "
-                            f"is not a method; valid: {', '.join(METHODS)}")
+                            f"is not an editing method; valid: {', '.join(METHODS)}")
     bad = [k for k in kinds if k not in editbench.KINDS]
     if bad or not kinds:
         raise AttnlensError(f"--kinds {args.kinds!r}: {', '.join(bad) or 'no kind'} "

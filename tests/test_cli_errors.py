@@ -32,7 +32,7 @@ def run(capsys, argv):
     (["edit", "--target", "a blue star", "--out", "{tmp}/e"], "needs --source"),
     (["edit", "--source", "a", "--target", "b", "--method", "fpee", "--out", "{tmp}/e"], "valid: fpe"),
     (["edit", "--source", "a", "--target", "b", "--option", "noequals", "--out", "{tmp}/e"], "NAME=VALUE"),
-    (["shapesedit", "--methods", "fpe,bogus", "--out", "{tmp}/s"], "bogus is not a method"),
+    (["shapesedit", "--methods", "fpe,bogus", "--out", "{tmp}/s"], "bogus is not an editing method"),
     (["shapesedit", "--kinds", "colour,texture", "--out", "{tmp}/s"], "texture is not a kind"),
     (["shapesedit", "--out", "{file}"], "existing file"),
     (["--device", "cuda:99", "layers"], "cuda"),
