@@ -159,7 +159,8 @@ def _options(pairs: list[str]) -> dict:
 def _edit(args) -> None:
     import json
 
-    from ._editing import METHODS, edit, edit_image
+    from ._editing import edit, edit_image
+    from ._methods import METHODS
     from ._pipeline import load_pipeline
 
     if args.method not in METHODS:
@@ -191,7 +192,7 @@ def _shapesedit(args) -> None:
     from ._pipeline import load_pipeline
     from .shapes import editbench
 
-    from ._editing import METHODS
+    from ._methods import METHODS
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
