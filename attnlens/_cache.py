@@ -184,14 +184,20 @@ class AttentionCache:
         return [int(h) for h in heads]
 
     def p2p_layers(self) -> list[str]:
-        """Prompt-to-Prompt's layers among the captured ones (:func:`attnlens._methods.p2p_layers`): cross-attention
-        of the down and up blocks at their lowest resolution (the 16x16 maps of SD 1.x at 512x512)."""
+        """Prompt-to-Prompt's layers among the captured ones (:func:`attnlens._methods.p2p_layers`): the
+        cross-attention layers of the down and up blocks (the mid block excluded) at the coarsest level they
+        reach, relative to the model: the 16x16 maps of SD 1.x at 512x512 (a quarter of the 64x64 latent), the
+        8x8 maps of the Shapes model (half of its 16x16 latent)."""
         from ._methods import p2p_layers
 
         return p2p_layers(list(self.layers.values()))
 
     def p2p_maps(self) -> torch.Tensor:
-        """The Prompt-to-Prompt recipe: :meth:`aggregate` over :meth:`p2p_layers`, ``(items, h, w, 77)``."""
+        """The Prompt-to-Prompt recipe: :meth:`aggregate` (raw probabilities, equal weights) over
+        :meth:`p2p_layers`, ``(items, h, w, 77)``: the down/up blocks' coarsest cross-attention level of the
+        model (16x16 on SD 1.x at 512x512, 8x8 on the Shapes model). It follows the reference code for
+        editing; for a heat map to look at, :meth:`word_map`'s default localises better on the Shapes model
+        (``benchmarks/results/word_map_quality.json``)."""
         return self.aggregate(self.p2p_layers())
 
     # ----------------------------------------------------------------- words
