@@ -75,6 +75,8 @@ import torch
 import torch.nn.functional as F
 
 import attnlens
+from attnlens._identity import fingerprint
+from attnlens._pipeline import EMBEDDED_MODEL
 from attnlens.shapes import describe, iter_scenes
 from attnlens.shapes import oracle
 from benchmarks.shapes_quality import iou, otsu_threshold, to_uint8
@@ -273,9 +275,10 @@ def main(argv: list[str] | None = None) -> dict:
         }
     report = {
         "benchmark": "word_map_quality",
-        "command": "python -m benchmarks.word_map_quality " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python -m benchmarks.word_map_quality", *(argv if argv is not None else sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d"),
         "model": str(args.model or "embedded Shapes model"),
+        "model_fingerprint": fingerprint(args.model or EMBEDDED_MODEL),  # the results hold for these weights only
         "settings": {"n": args.n, "scene_seed": SCENE_SEED, "generation_seeds": f"0..{args.n - 1}",
                      "prompts": "attnlens.shapes.describe(scene): all five attributes named",
                      "steps": args.steps, "guidance": args.guidance, "batch": args.batch,
