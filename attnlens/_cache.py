@@ -242,11 +242,12 @@ class AttentionCache:
         captured level, averaged with equal weight. That default was chosen by measurement
         (``python -m benchmarks.word_map_quality``, recorded in ``benchmarks/results/word_map_quality.json``):
         on 48 generations of the Shapes model, scored by IoU with the oracle's object mask (Otsu threshold),
-        it averaged 0.445 (95% interval 0.387-0.504), against 0.223 for a DAAM-style aggregation
-        (every down/up layer, bicubic upsampling, summed) and 0.152 for averaging every cross layer
-        including the coarse mid block, whose raw probabilities dominate such an average without
-        localising; no other level, and no normalised or resolution-weighted mix of levels, did better (one
-        single layer did, which no model-independent rule would pick). It is measured on the Shapes model only. ``layers=[...]`` averages exactly the given layers instead.
+        it averaged 0.445 (95% interval 0.387-0.504), against 0.223 for a DAAM-style aggregation (every layer
+        but the mid block, each head upsampled bicubically to the image, summed over steps, averaged) and 0.152
+        for the former default, every cross layer averaged with equal weight, the coarse 4x4 mid block included
+        (alone it scores 0.039). No other level and no normalised or resolution-weighted mix of levels did
+        better (one single layer did, which no model-independent rule would pick). It is measured on the
+        Shapes model only; ``layers=[...]`` averages exactly the given layers instead.
 
         ``steps`` restricts the steps; ``heads`` (a head index or a list) averages only those heads and needs
         the maps captured with ``heads="all"`` (else an :class:`AttnlensError` says so).

@@ -103,13 +103,20 @@ def test_heads_on_read_need_every_head_captured(pipe):
 
 
 def test_recorded_benchmark_backs_the_default_and_its_docstring():
+    from attnlens._identity import fingerprint
+    from attnlens._pipeline import EMBEDDED_MODEL
+
     r = json.loads((ROOT / "benchmarks" / "results" / "word_map_quality.json").read_text())
+    if (EMBEDDED_MODEL / "model_index.json").exists():
+        assert r["model_fingerprint"] == fingerprint(EMBEDDED_MODEL), (
+            "the embedded model changed since benchmarks/results/word_map_quality.json was recorded: rerun "
+            "python -m benchmarks.word_map_quality and check word_map's default and docstring against it")
     assert r["n_scored"] >= 30 and r["chosen"] == "level 0"
     assert r["check"]["otsu"]["pass"] and r["check"]["half_max"]["pass"]
     assert r["chosen"] in r["library_word_map_equals"]  # the library's default is the chosen rule
     doc = AttentionCache.word_map.__doc__
     c = r["candidates"]
-    for name in ("level 0", "DAAM-style", "all layers (former default)"):
+    for name in ("level 0", "DAAM-style", "all layers (former default)", "level 2"):
         assert f"{c[name]['otsu']['mean']:.3f}" in doc, name
     lo, hi = c["level 0"]["otsu"]["ci95"]
     assert f"{lo:.3f}-{hi:.3f}" in doc and f"{r['n_scored']} generations" in doc
