@@ -10,6 +10,7 @@ does not change the image; the map is computed beside it, in query chunks, only 
 from __future__ import annotations
 
 import contextlib
+import numbers
 from typing import Any, Iterator
 
 import torch
@@ -165,6 +166,8 @@ def capture(
     chosen = selector.match(list_layers(pipe))
     tokenizer = getattr(pipe, "tokenizer", None)
     cache = AttentionCache({i.name: i for i in chosen}, tokenizer=tokenizer)
+    cache._heads = (selector.heads if isinstance(selector.heads, str)
+                    else [int(h) if isinstance(h, numbers.Integral) else h for h in selector.heads])
     recorder = _Recorder(selector, cache, dtype, reduce, store_resolution, budget, chosen)
     recorder.clock, detach = attach(pipe, chosen, hook=recorder, listener=recorder.start)
     text = getattr(pipe, "text_encoder", None)

@@ -164,7 +164,8 @@ def _fraction_steps(spec: Any) -> Any:
 # ------------------------------------------------------------------------------------------ layer rules
 def p2p_layers(table: list[LayerInfo]) -> list[str]:
     """Prompt-to-Prompt's layers for its word maps (local blend, the cache's :meth:`~attnlens.AttentionCache.p2p_maps`):
-    cross-attention of the down and up blocks at their lowest resolution (the 16x16 maps of SD 1.x at 512x512).
+    cross-attention of the down and up blocks at the coarsest level they reach, the mid block excluded (relative to
+    the model: the 16x16 maps of SD 1.x at 512x512, the 8x8 maps of the Shapes model).
 
     Example:
         >>> from attnlens._testing import tiny_pipeline
