@@ -14,6 +14,46 @@ from ._prompts import batch_row
 LayerSpec = Union[None, str, Sequence[str], Callable[[LayerInfo], bool]]
 StepSpec = Union[None, int, Sequence[int], slice, tuple[float, float]]
 BRANCHES = ("cond", "uncond", "both")
+_STEPS_VALID = ("None (every step), a step index (int), a non-empty list of indices, a slice, or a fraction range "
+                "(start, end) of floats in 0..1")
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _check_steps(s: object) -> None:
+    """An error unless ``s`` is a step spec :meth:`Selector.step_indices` understands."""
+    if s is None or _is_int(s):
+        return
+    if isinstance(s, slice):
+        if not all(x is None or _is_int(x) for x in (s.start, s.stop, s.step)) or s.step == 0:
+            raise AttnlensError(f"steps={s!r}: a slice of steps needs int (or None) start, stop and a non-zero step")
+        return
+    if isinstance(s, tuple) and len(s) == 2 and all(isinstance(x, float) for x in s):
+        if not 0.0 <= s[0] <= s[1] <= 1.0:
+            raise AttnlensError(f"steps={s!r}: a fraction range of steps needs 0 <= start <= end <= 1")
+        return
+    if isinstance(s, Sequence) and not isinstance(s, str):
+        bad = [x for x in s if not _is_int(x)]
+        if bad or not s:
+            what = f"holds {bad[0]!r}, not an int" if bad else "is empty, so it selects no step"
+            raise AttnlensError(f"steps={s!r} {what}; valid: {_STEPS_VALID}")
+        return
+    raise AttnlensError(f"steps={s!r} is not a step selection; valid: {_STEPS_VALID}")
+
+
+def _check_indices(name: str, value: object, valid: str, allow: tuple) -> None:
+    """An error unless ``value`` is one of ``allow`` or a non-empty sequence of ints (head or prompt indices)."""
+    if any(value is a or (isinstance(value, str) and value == a) for a in allow):
+        return
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        bad = [x for x in value if not _is_int(x)]
+        if not bad and value:
+            return
+        what = f"holds {bad[0]!r}, not an int" if bad else "is empty, so it selects nothing"
+        raise AttnlensError(f"{name}={value!r} {what}; valid: {valid}")
+    raise AttnlensError(f"{name}={value!r} is not valid; valid: {valid}")
 
 
 @dataclass(frozen=True)
@@ -49,12 +89,21 @@ class Selector:
     prompts: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.prompts, numbers.Integral) and not isinstance(self.prompts, bool):
+            object.__setattr__(self, "prompts", [int(self.prompts)])  # one prompt index, as steps takes one step
+        _check_steps(self.steps)
+        _check_indices("heads", self.heads, "'mean', 'all' or a non-empty list of head indices (ints)",
+                       allow=("mean", "all"))
+        _check_indices("prompts", self.prompts, "None (all prompts), a prompt index or a non-empty list of them",
+                       allow=(None,))
+        if self.resolution is not None and not _is_int(self.resolution) and not (
+                isinstance(self.resolution, Sequence) and not isinstance(self.resolution, str)
+                and self.resolution and all(_is_int(r) for r in self.resolution)):
+            raise AttnlensError(f"resolution must be None, a grid side (int) or a list of them, not {self.resolution!r}")
         if self.kind not in (None, "self", "cross"):
             raise AttnlensError(f"kind must be 'self', 'cross' or None, not {self.kind!r}")
         if self.branch not in BRANCHES:
             raise AttnlensError(f"branch must be one of {choices(BRANCHES)}, not {self.branch!r}")
-        if isinstance(self.heads, str) and self.heads not in ("mean", "all"):
-            raise AttnlensError(f"heads must be 'mean', 'all' or a list of head indices, not {self.heads!r}")
         if not (self.layers is None or isinstance(self.layers, str) or callable(self.layers)
                 or (isinstance(self.layers, Sequence) and all(isinstance(x, str) for x in self.layers))):
             raise AttnlensError(f"layers must be a glob, a list of names or a callable, not {type(self.layers).__name__}")
