@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -290,8 +291,14 @@ def _check_file(path: Path) -> tuple[dict, dict]:
     for name, kind in _META_FIELDS.items():
         if not isinstance(meta[name], kind):
             raise bad(f"has damaged metadata (field {name!r} is a {type(meta[name]).__name__})")
+    layers = {}
+    for n, d in meta["layers"].items():
+        try:
+            layers[n] = LayerInfo.from_dict(d)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise bad(f"has damaged metadata (layer {n!r} is not a layer record: {type(exc).__name__} {exc}; a "
+                      f"record has {', '.join(f.name for f in dataclasses.fields(LayerInfo) if f.name != 'module')})") from None
     try:
-        layers = {n: LayerInfo.from_dict(d) for n, d in meta["layers"].items()}
         items = [(str(b), int(p)) for b, p in meta["items"]]
         if len(meta["latent_hw"]) != 2 or not all(isinstance(x, int) for x in meta["latent_hw"]):
             raise ValueError("latent_hw")
