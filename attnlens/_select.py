@@ -15,7 +15,7 @@ LayerSpec = Union[None, str, Sequence[str], Callable[[LayerInfo], bool]]
 StepSpec = Union[None, int, Sequence[int], slice, tuple[float, float]]
 BRANCHES = ("cond", "uncond", "both")
 _STEPS_VALID = ("None (every step), a step index (int), a non-empty list of indices, a slice, or a fraction range "
-                "(start, end) of floats in 0..1")
+                "(start, end) of floats in 0..1")  # what steps= may be
 
 
 def _is_int(x: object) -> bool:
@@ -28,7 +28,7 @@ def _check_steps(s: object) -> None:
         return
     if isinstance(s, slice):
         if not all(x is None or _is_int(x) for x in (s.start, s.stop, s.step)) or s.step == 0:
-            raise AttnlensError(f"steps={s!r}: a slice of steps needs int (or None) start, stop and a non-zero step")
+            raise AttnlensError(f"steps must be a slice with int (or None) start and stop and a non-zero step, not {s!r}")
         return
     if isinstance(s, tuple) and len(s) == 2 and all(isinstance(x, float) for x in s):
         if not 0.0 <= s[0] <= s[1] <= 1.0:
@@ -37,10 +37,10 @@ def _check_steps(s: object) -> None:
     if isinstance(s, Sequence) and not isinstance(s, str):
         bad = [x for x in s if not _is_int(x)]
         if bad or not s:
-            what = f"holds {bad[0]!r}, not an int" if bad else "is empty, so it selects no step"
-            raise AttnlensError(f"steps={s!r} {what}; valid: {_STEPS_VALID}")
+            what = f"{s!r} holds {bad[0]!r}, not an int" if bad else f"{s!r} is empty, so it selects no step"
+            raise AttnlensError(f"steps must be {_STEPS_VALID}; {what}")
         return
-    raise AttnlensError(f"steps={s!r} is not a step selection; valid: {_STEPS_VALID}")
+    raise AttnlensError(f"steps must be {_STEPS_VALID}, not {s!r}")
 
 
 def _check_indices(name: str, value: object, valid: str, allow: tuple) -> None:
@@ -51,9 +51,9 @@ def _check_indices(name: str, value: object, valid: str, allow: tuple) -> None:
         bad = [x for x in value if not _is_int(x)]
         if not bad and value:
             return
-        what = f"holds {bad[0]!r}, not an int" if bad else "is empty, so it selects nothing"
-        raise AttnlensError(f"{name}={value!r} {what}; valid: {valid}")
-    raise AttnlensError(f"{name}={value!r} is not valid; valid: {valid}")
+        what = f"{value!r} holds {bad[0]!r}, not an int" if bad else f"{value!r} is empty, so it selects nothing"
+        raise AttnlensError(f"{name} must be {valid}; {what}")
+    raise AttnlensError(f"{name} must be {valid}, not {value!r}")
 
 
 @dataclass(frozen=True)
