@@ -163,7 +163,7 @@ def capture(
             kind = "cross"
         selector = Selector(layers=layers, kind=kind, resolution=resolution, steps=steps, heads=heads,
                             branch=branch, prompts=prompts)
-    _check_arguments(reduce, dtype, store_resolution, budget)
+    _check_arguments(reduce, selector.steps, dtype, store_resolution, budget)
     chosen = selector.match(list_layers(pipe))
     tokenizer = getattr(pipe, "tokenizer", None)
     cache = AttentionCache({i.name: i for i in chosen}, tokenizer=tokenizer)
@@ -185,10 +185,13 @@ def capture(
         detach()
 
 
-def _check_arguments(reduce: Any, dtype: Any, store_resolution: Any, budget: Any) -> None:
+def _check_arguments(reduce: Any, steps: Any, dtype: Any, store_resolution: Any, budget: Any) -> None:
     """An :class:`AttnlensError` naming the first of capture's storage arguments that is not valid."""
     if reduce not in (None, "mean", "sum"):
         raise AttnlensError(f"reduce must be None, 'mean' or 'sum', not {reduce!r}")
+    if isinstance(steps, (list, tuple, range)) and len(steps) == 0:
+        raise AttnlensError(f"steps={steps!r} selects no step, so nothing would be captured; give None (every step), "
+                            "a step index, a non-empty list, a slice or a fraction range (start, end)")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise AttnlensError(f"dtype must be a floating-point torch dtype (torch.float16, torch.bfloat16, torch.float32, "
                             f"torch.float64), not {dtype!r}")

@@ -177,9 +177,12 @@ def _check_values(method: str, opts: Any) -> None:
                 Selector(steps=_fraction_steps(value))
             except AttnlensError as exc:
                 raise AttnlensError(f"{where}: {exc}") from None
-        elif name in ("start_step", "blend_threshold", "blend_start"):
+        elif name in ("start_step", "blend_start"):
             if not real(value) or not 0 <= value <= 1:
-                raise AttnlensError(f"{where} must be a number in 0..1, not {value!r}")
+                raise AttnlensError(f"{where} must be a fraction of the schedule in 0..1, not {value!r}")
+        elif name == "blend_threshold":  # any number: above 1 no mask, below 0 all of it
+            if not real(value) or value != value:
+                raise AttnlensError(f"{where} must be a number (0.3 in the reference code), not {value!r}")
         elif name == "reweight":
             if value is not None and not (isinstance(value, dict) and all(
                     isinstance(k, (str, int)) and not isinstance(k, bool) and real(v) for k, v in value.items())):

@@ -14,7 +14,7 @@ from ._prompts import batch_row
 LayerSpec = Union[None, str, Sequence[str], Callable[[LayerInfo], bool]]
 StepSpec = Union[None, int, Sequence[int], slice, tuple[float, float]]
 BRANCHES = ("cond", "uncond", "both")
-_STEPS_VALID = ("None (every step), a step index (int), a non-empty list of indices, a slice, or a fraction range "
+_STEPS_VALID = ("None (every step), a step index (int), a list of indices, a slice, or a fraction range "
                 "(start, end) of floats in 0..1")  # what steps= may be
 
 
@@ -36,9 +36,8 @@ def _check_steps(s: object) -> None:
         return
     if isinstance(s, Sequence) and not isinstance(s, str):
         bad = [x for x in s if not _is_int(x)]
-        if bad or not s:
-            what = f"{s!r} holds {bad[0]!r}, not an int" if bad else f"{s!r} is empty, so it selects no step"
-            raise AttnlensError(f"steps must be {_STEPS_VALID}; {what}")
+        if bad:  # an empty list is valid: a controller on no step edits nothing (capture refuses it)
+            raise AttnlensError(f"steps must be {_STEPS_VALID}; {s!r} holds {bad[0]!r}, not an int")
         return
     raise AttnlensError(f"steps must be {_STEPS_VALID}, not {s!r}")
 
