@@ -88,6 +88,11 @@ class Selector:
     prompts: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
+        for name in ("steps", "heads", "prompts"):  # numpy or torch indices: plain lists
+            value = getattr(self, name)
+            if hasattr(value, "tolist") and not isinstance(value, (str, numbers.Number)):
+                value = value.tolist()
+                object.__setattr__(self, name, value if isinstance(value, list) else [value])
         if isinstance(self.prompts, numbers.Integral) and not isinstance(self.prompts, bool):
             object.__setattr__(self, "prompts", [int(self.prompts)])  # one prompt index, as steps takes one step
         _check_steps(self.steps)
