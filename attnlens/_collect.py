@@ -19,6 +19,7 @@ On disk (``out=DIR``)::
     DIR/config.json                       what was collected (checked on resume)
     DIR/shards/shard-000000.safetensors   rows of ``shard_size`` generations: one tensor per feature key
     DIR/index.csv                         one row per generation: item, prompt, seed, labels, shard, row
+    DIR/.attnlens.lock                    the directory's lock (its last owner's host and pid inside)
 
 A shard is written to a temporary name and renamed, so a shard file that exists is complete; a rerun
 with the same arguments skips the shards that exist (resume), and ``index.csv`` is written once every
@@ -26,6 +27,12 @@ shard is there. Under ``accelerate launch`` (or ``torchrun``) shard ``k`` is mad
 ``k % world_size`` and rank 0 writes the one merged index. On a machine without GPUs,
 ``accelerate launch --multi_gpu --num_processes 2 script.py`` starts the processes (its ``--cpu`` mode
 runs one process unless MPI is set up); ``torchrun --nproc_per_node 2 script.py`` works too.
+
+The config check and the config and index writes hold the directory's lock (an exclusive ``flock`` on
+``DIR/.attnlens.lock``, released by the system when its process dies, so a dead writer's lock is taken
+over): two writers with different settings cannot both pass the check, the second fails naming the lock.
+Temporary names carry the writer's host and pid (``.NAME.tmp-HOST-PID``); a writer removes only its own and
+those of dead processes, never a live writer's in-flight file.
 
 Imports capture, prompts, selection and the feature storage; imported by the package's front.
 """
