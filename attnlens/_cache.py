@@ -134,6 +134,8 @@ class AttentionCache:
 
         ``size`` defaults to the largest captured grid; smaller grids are upsampled bilinearly.
         """
+        layers = [layers] if isinstance(layers, str) else layers  # one layer's name
+        steps = [steps] if isinstance(steps, int) else steps
         names = [n for n, i in self.layers.items() if i.kind == kind] if layers is None else list(layers)
         for n in names:
             if n not in self.layers:

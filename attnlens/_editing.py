@@ -102,6 +102,13 @@ def _check_sampling(num_inference_steps: Any, guidance_scale: Any) -> None:
         raise AttnlensError(f"guidance_scale must be a number, not {type(guidance_scale).__name__} {guidance_scale!r}")
 
 
+def _check_capture(capture: Any) -> None:
+    """``capture=`` of an edit is ``None``/``False``, ``True`` or a dict of :func:`attnlens.capture` keywords."""
+    if not (capture is None or isinstance(capture, (bool, dict))):
+        raise AttnlensError(f"capture must be None, True or a dict of attnlens.capture arguments (e.g. "
+                            f"{{'layers': 'up.*.cross'}}), not {type(capture).__name__} {capture!r}")
+
+
 def _check_latents(pipe: Any, latents: Any) -> None:
     """An :class:`AttnlensError` unless ``latents`` is a float tensor ``(1, C, h, w)`` with the UNet's ``C``."""
     channels = getattr(get_unet(pipe).config, "in_channels", None)
@@ -215,6 +222,7 @@ def edit(pipe: Any, source_prompt: str, target_prompt: str, method: str = "fpe",
     _check_prompt("source_prompt", source_prompt)
     _check_prompt("target_prompt", target_prompt)
     _check_sampling(num_inference_steps, guidance_scale)
+    _check_capture(capture)
     opts = options_for(method, options)
     given = latents is not None
     if latents is None:
@@ -255,6 +263,7 @@ def edit_image(pipe: Any, image: Any, target_prompt: str, source_prompt: str = "
     _check_prompt("target_prompt", target_prompt)
     _check_prompt("source_prompt", source_prompt)
     _check_sampling(num_inference_steps, guidance_scale)
+    _check_capture(capture)
     opts = options_for(method, options)
     t0 = time.perf_counter()
     if isinstance(inversion, Inversion):

@@ -44,6 +44,8 @@ def test_word_map_of_a_non_ascii_word_is_its_tokens_map(pipe):
         generate(pipe, "a 星 star", steps=1)
     assert cache.words() == ["a", "星", "star"]
     assert torch.equal(cache.word_map("星"), cache.word_map(2) + cache.word_map(3))
+    one = cache.word_map("star", layers="mid.0.cross", steps=0)  # one layer and one step need no list
+    assert torch.equal(one, cache.word_map("star", layers=["mid.0.cross"], steps=[0]))
 
 
 @pytest.mark.parametrize("word", [None, 1.5, ["star"], ""])
@@ -130,6 +132,7 @@ def test_capture_around_a_run_without_steps_says_num_inference_steps(pipe, n):
     ({"method": "p2p", "cross_replace_steps": 1.2}, "option cross_replace_steps of method 'p2p'"),
     ({"method": "masactrl", "start_step": "0.1"}, "option start_step of method 'masactrl'"),
     ({"method": "masactrl", "min_resolution": 2.5}, "option min_resolution of method 'masactrl'"),
+    ({"capture": "yes"}, "capture must be None, True or a dict"),
 ])
 def test_edit_arguments_are_checked_before_generating(pipe, kwargs, says, monkeypatch):
     monkeypatch.setattr(pipe, "__call__", lambda *a, **k: pytest.fail("the pipeline ran"), raising=False)
