@@ -16,6 +16,7 @@ from ._identity import safetensors_problem as _safetensors_problem
 EMBEDDED_MODEL = Path(__file__).parent / "models" / "shapes"
 """Where the embedded Shapes model lives (a diffusers folder)."""
 
+
 def _recorded_rebuild(record: Path) -> list[tuple[str, str]]:
     """The ``(command, note)`` pairs a Shapes export's ``training.json`` records under ``"rebuild"`` (written by
     the repository's training tool, ``python -m tools.shapes_model.train export`` or ``card``); ``[]`` when the
