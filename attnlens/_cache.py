@@ -328,6 +328,8 @@ class AttentionCache:
 
 _META_FIELDS = {"layers": dict, "items": list, "steps": list, "latent_hw": list, "tokens": list, "counts": dict,
                 "reduce": (str, type(None))}
+# fields a cache written by an older attnlens may lack
+_OPTIONAL_FIELDS = {"heads": (str, list, type(None))}
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
@@ -359,13 +361,15 @@ def _check_file(path: Path) -> tuple[dict, dict]:
         raise bad(f"has damaged metadata (not valid JSON: {exc})") from None
     if not isinstance(meta, dict):
         raise bad(f"has damaged metadata (a JSON {type(meta).__name__}, not an object)")
-    missing, extra = sorted(set(_META_FIELDS) - set(meta)), sorted(set(meta) - set(_META_FIELDS))
+    known = set(_META_FIELDS) | set(_OPTIONAL_FIELDS)
+    missing, extra = sorted(set(_META_FIELDS) - set(meta)), sorted(set(meta) - known)
     if missing or extra:
         what = "; ".join(x for x in (f"missing field(s) {missing}" if missing else "",
                                      f"unknown field(s) {extra}" if extra else "") if x)
-        raise bad(f"has damaged metadata ({what}; a cache has exactly {sorted(_META_FIELDS)})")
-    for name, kind in _META_FIELDS.items():
-        if not isinstance(meta[name], kind):
+        raise bad(f"has damaged metadata ({what}; a cache has {sorted(_META_FIELDS)} and may have "
+                  f"{sorted(_OPTIONAL_FIELDS)})")
+    for name, kind in {**_META_FIELDS, **_OPTIONAL_FIELDS}.items():
+        if name in meta and not isinstance(meta[name], kind):
             raise bad(f"has damaged metadata (field {name!r} is a {type(meta[name]).__name__})")
     layers = {}
     for n, d in meta["layers"].items():
