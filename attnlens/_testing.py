@@ -82,6 +82,16 @@ def captured_with_inputs(pipe, layer: str, run, **capture_kwargs):
 
 
 # ------------------------------------------------------------------------------------------ tiny diffusion transformers
+def _ready(pipe):
+    """Evaluation mode for every component (models built from configs start in training mode, where T5's
+    dropout would make two runs differ) and no progress bars."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _tiny_vae(latent_channels: int = 4, **kwargs):
     from diffusers import AutoencoderKL
 
@@ -96,7 +106,7 @@ def _tiny_t5(d_model: int = 32):
     from transformers import T5Config, T5EncoderModel
 
     return T5EncoderModel(T5Config(vocab_size=49408, d_model=d_model, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
-                                   relative_attention_num_buckets=8, pad_token_id=49407, eos_token_id=49407,
+                                   relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=49407, eos_token_id=49407,
                                    decoder_start_token_id=0))
 
 
@@ -131,8 +141,7 @@ def tiny_pixart_pipeline(seed: int = 0):
     )
     pipe = PixArtAlphaPipeline(tokenizer=load_tokenizer(), text_encoder=_tiny_t5(32), vae=_tiny_vae(),
                                transformer=transformer, scheduler=DDIMScheduler())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _ready(pipe)
 
 
 def tiny_sd3_pipeline(seed: int = 0):
@@ -163,8 +172,7 @@ def tiny_sd3_pipeline(seed: int = 0):
         text_encoder_2=_tiny_clip(16, 16), tokenizer_2=load_tokenizer(),
         text_encoder_3=_tiny_t5(32), tokenizer_3=load_tokenizer(),
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _ready(pipe)
 
 
 def tiny_flux_pipeline(seed: int = 0):
@@ -193,5 +201,5 @@ def tiny_flux_pipeline(seed: int = 0):
         text_encoder=_tiny_clip(32), tokenizer=load_tokenizer(),
         text_encoder_2=_tiny_t5(32), tokenizer_2=load_tokenizer(),
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    pipe.default_sample_size = 8  # latent side at the default size: 16x16 images
+    return _ready(pipe)
