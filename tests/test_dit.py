@@ -1,0 +1,232 @@
+"""Diffusion transformers on tiny PixArt, SD3.5-shaped and Flux pipelines built from configs in code: the layer
+table, capture that leaves the image unchanged and restores the processors, maps that equal the attention
+recomputed from the layer's inputs (q/k norms, rotary embeddings, padding masks and the joint softmax included),
+word maps, and clear errors for what is not supported."""
+
+import functools
+
+import pytest
+import torch
+
+import attnlens
+from attnlens import AttnlensError, Selector, capture, layers
+from attnlens._testing import tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline
+
+FAMILIES = {"pixart": tiny_pixart_pipeline, "sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline}
+TEXT = 16  # max_sequence_length of the runs: text tokens per prompt
+
+
+@functools.lru_cache(maxsize=None)
+def _pipe(family):
+    return FAMILIES[family]()
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request):
+    return request.param
+
+
+def run(pipe, prompt="a red star", steps=2, seed=0):
+    extra = {"use_resolution_binning": False, "clean_caption": False} if type(pipe).__name__.startswith("PixArt") else {}
+    return pipe(prompt, num_inference_steps=steps, height=16, width=16, output_type="pt", max_sequence_length=TEXT,
+                generator=torch.Generator().manual_seed(seed), **extra).images
+
+
+def processors(pipe):
+    return dict(pipe.transformer.attn_processors)
+
+
+# ------------------------------------------------------------------------------------------ the layer table
+def test_layer_tables_name_streams_grids_and_heads():
+    pixart, sd3, flux = (layers(_pipe(f)) for f in ("pixart", "sd3", "flux"))
+    assert pixart.names() == ["block.0.self", "block.0.cross", "block.1.self", "block.1.cross"]
+    assert [i.stream for i in pixart] == ["self", "cross"] * 2
+    assert pixart[1].path == "transformer_blocks.0.attn2"
+    assert sd3.names() == ["joint.0.self", "joint.0.cross", "dual.0.self", "joint.1.self", "joint.1.cross"]
+    assert [i.stream for i in sd3] == ["joint", "joint", "self", "joint", "joint"]
+    assert sd3[0].path == sd3[1].path == "transformer_blocks.0.attn" and sd3[0].module is sd3[1].module
+    assert flux.names() == ["joint.0.self", "joint.0.cross", "single.0.self", "single.0.cross", "single.1.self",
+                            "single.1.cross"]
+    assert flux[2].path == "single_transformer_blocks.0.attn"
+    for table in (pixart, sd3, flux):  # 16x16 images, 2x VAE, 2x2 patches: a 4x4 token grid everywhere
+        assert {(i.level, i.resolution, i.factor) for i in table} == {(1, (4, 4), 4)}
+        assert all(i.grid((32, 48)) == (16, 24) for i in table)
+    assert {(i.heads, i.head_dim) for i in flux} == {(2, 16)} and {(i.heads, i.head_dim) for i in sd3} == {(2, 8)}
+    assert [i.name for i in Selector(kind="cross").match(sd3)] == ["joint.0.cross", "joint.1.cross"]
+    assert list(flux.to_pandas()["stream"]) == ["joint"] * 2 + ["single"] * 4
+
+
+# ------------------------------------------------------------------------------------------ capture
+def test_capture_does_not_change_the_image_and_restores_processors(family):
+    pipe = _pipe(family)
+    before = processors(pipe)
+    plain = run(pipe)
+    with capture(pipe, layers="*", heads="all", dtype=torch.float32) as cache:
+        hooked = run(pipe)
+    assert torch.equal(hooked, plain)
+    after = processors(pipe)
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+    names = layers(pipe).names()
+    assert sorted(cache.keys()) == sorted((n, s) for n in names for s in (0, 1))
+
+
+def test_nested_captures_of_both_views_of_a_joint_layer_restore_in_any_order():
+    pipe = _pipe("sd3")
+    before = processors(pipe)
+    outer = capture(pipe, layers="joint.0.self", kind="self")
+    inner = capture(pipe, layers="joint.0.cross")
+    a, b = outer.__enter__(), inner.__enter__()
+    run(pipe)
+    outer.__exit__(None, None, None)  # the outer context leaves first
+    assert processors(pipe)["transformer_blocks.0.attn.processor"] is not before["transformer_blocks.0.attn.processor"]
+    inner.__exit__(None, None, None)
+    assert all(processors(pipe)[n] is before[n] for n in before)
+    assert list(a) == [("joint.0.self", 0), ("joint.0.self", 1)] and list(b) == [("joint.0.cross", 0), ("joint.0.cross", 1)]
+
+
+def _inputs(pipe, path, prompt="a red star"):
+    """The args and kwargs of the last call of the attention module at ``path`` during one run."""
+    module = pipe.transformer.get_submodule(path)
+    seen = []
+    handle = module.register_forward_hook(lambda m, a, kw, out: seen.append((a, kw)), with_kwargs=True)
+    try:
+        run(pipe, prompt)
+    finally:
+        handle.remove()
+    args, kwargs = seen[-1]
+    hidden = args[0] if args else kwargs["hidden_states"]
+    return module, hidden, kwargs
+
+
+def _softmax(q, k, bias=None):
+    scores = q.float() @ k.float().transpose(-1, -2) / q.shape[-1] ** 0.5
+    return torch.softmax(scores if bias is None else scores + bias, dim=-1)
+
+
+def expected_maps(pipe, family, path):
+    """Per view (``self``/``cross``): the full-head attention rows of the image queries at the last call, recomputed
+    from the module's inputs with its own projections, norms and rotary embeddings, ``(batch, heads, image, keys)``."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    attn, hidden, kw = _inputs(pipe, path)
+    b, heads = hidden.shape[0], attn.heads
+
+    def split(x):  # (b, n, heads*dim) -> (b, heads, n, dim)
+        return x.view(b, x.shape[1], heads, -1).transpose(1, 2)
+
+    with torch.no_grad():
+        if family == "pixart":
+            context = kw.get("encoder_hidden_states")
+            q = split(attn.to_q(hidden))
+            k = split(attn.to_k(hidden if context is None else context))
+            mask = kw.get("attention_mask")
+            bias = None if context is None or mask is None else mask[:, None].float()  # (b, 1, 1, text)
+            probs = _softmax(q, k, bias)
+            return {"self" if context is None else "cross": probs}
+        if family == "sd3":
+            context = kw.get("encoder_hidden_states")
+            q, k = attn.norm_q(split(attn.to_q(hidden))), attn.norm_k(split(attn.to_k(hidden)))
+            n = hidden.shape[1]
+            if context is None:
+                return {"self": _softmax(q, k)}
+            eq, ek = attn.norm_added_q(split(attn.add_q_proj(context))), attn.norm_added_k(split(attn.add_k_proj(context)))
+            probs = _softmax(torch.cat([q, eq], 2), torch.cat([k, ek], 2))[:, :, :n]
+            return {"self": probs[..., :n], "cross": probs[..., n:]}
+        context, rope = kw.get("encoder_hidden_states"), kw["image_rotary_emb"]
+        q, k = attn.norm_q(split(attn.to_q(hidden))), attn.norm_k(split(attn.to_k(hidden)))
+        if context is not None:
+            eq, ek = attn.norm_added_q(split(attn.add_q_proj(context))), attn.norm_added_k(split(attn.add_k_proj(context)))
+            q, k = torch.cat([eq, q], 2), torch.cat([ek, k], 2)
+        q = apply_rotary_emb(q, rope, sequence_dim=2)
+        k = apply_rotary_emb(k, rope, sequence_dim=2)
+        probs = _softmax(q, k)[:, :, TEXT:]
+        return {"self": probs[..., TEXT:], "cross": probs[..., :TEXT]}
+
+
+CASES = [("pixart", "block.1.self", "transformer_blocks.1.attn1"), ("pixart", "block.1.cross", "transformer_blocks.1.attn2"),
+         ("sd3", "joint.0.self", "transformer_blocks.0.attn"), ("sd3", "joint.1.cross", "transformer_blocks.1.attn"),
+         ("sd3", "dual.0.self", "transformer_blocks.0.attn2"), ("flux", "joint.0.cross", "transformer_blocks.0.attn"),
+         ("flux", "joint.0.self", "transformer_blocks.0.attn"), ("flux", "single.1.cross", "single_transformer_blocks.1.attn"),
+         ("flux", "single.0.self", "single_transformer_blocks.0.attn")]
+
+
+@pytest.mark.parametrize("family,name,path", CASES, ids=[f"{f}-{n}" for f, n, _ in CASES])
+def test_maps_equal_the_attention_recomputed_from_the_layer_inputs(family, name, path):
+    pipe = _pipe(family)
+    with capture(pipe, layers=name, heads="all", branch="both", dtype=torch.float32) as cache:
+        run(pipe)
+    view = name.rsplit(".", 1)[1]
+    expected = expected_maps(pipe, family, path)[view]
+    got = cache[name, 1]
+    items = len(cache.item_keys)
+    assert items == expected.shape[0]  # PixArt and SD3 run classifier-free guidance (2 rows), tiny Flux does not
+    torch.testing.assert_close(got.reshape(expected.shape), expected, atol=1e-5, rtol=0)
+    if family == "pixart" or name.startswith("dual"):  # a separate attention: rows sum to 1
+        torch.testing.assert_close(got.sum(-1), torch.ones_like(got.sum(-1)), atol=1e-5, rtol=0)
+
+
+def test_joint_quadrants_split_one_softmax(family):
+    pipe = _pipe(family)
+    if family == "pixart":
+        pytest.skip("PixArt has separate self- and cross-attention")
+    with capture(pipe, layers="joint.0.*", kind=None, heads="all", dtype=torch.float32) as cache:
+        run(pipe)
+    total = cache["joint.0.self", 1].sum(-1) + cache["joint.0.cross", 1].sum(-1)
+    torch.testing.assert_close(total, torch.ones_like(total), atol=1e-5, rtol=0)  # the two quadrants fill each row
+    assert cache["joint.0.cross", 1].shape[-1] == (77 + TEXT if family == "sd3" else TEXT)
+
+
+def test_word_maps_on_transformers(family):
+    pipe = _pipe(family)
+    with capture(pipe) as cache:
+        run(pipe, "a red star")
+    assert cache.words() == ["a", "red", "star"]
+    star = cache.word_map("star")
+    assert star.shape == (4, 4) and torch.isfinite(star).all() and star.sum() > 0
+    idx = cache.token_indices("star")
+    maps = cache.aggregate()
+    torch.testing.assert_close(star, maps[0][..., idx].sum(-1))
+
+
+def test_the_budget_counts_the_text_keys_of_the_run():
+    pipe = _pipe("sd3")  # 77 CLIP tokens + 16 T5 tokens: 93 keys per cross-attention row
+    per_map = 2 * 4 * 4 * 93 * 2  # heads x queries x keys x fp16 bytes, one item, one step, one layer
+    with capture(pipe, layers="joint.0.cross", heads="all", steps=[0], budget=per_map) as cache:
+        run(pipe)
+    assert cache["joint.0.cross", 0].shape == (1, 2, 4, 4, 93)
+    with pytest.raises(AttnlensError, match="over the budget"):
+        with capture(pipe, layers="joint.0.cross", heads="all", steps=[0], budget=per_map - 1):
+            run(pipe)
+
+
+# ------------------------------------------------------------------------------------------ what is not supported
+def test_editing_joint_attention_is_refused_clearly():
+    from attnlens import InjectQK, control
+
+    pipe = _pipe("flux")
+    with pytest.raises(AttnlensError, match="editing joint attention"):
+        with control(pipe, InjectQK(Selector(layers="joint.0.self"))):
+            pass
+    assert all(type(p).__name__ == "FluxAttnProcessor" for p in processors(pipe).values())
+
+
+def test_unsupported_transformers_name_what_is_supported():
+    from diffusers import SanaTransformer2DModel
+
+    sana = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=4,
+                                  num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=4,
+                                  cross_attention_dim=8, caption_channels=8, sample_size=8, patch_size=1)
+    fake = type("SanaPipeline", (), {"transformer": sana})()
+    with pytest.raises(AttnlensError, match="SanaTransformer2DModel.*PixArtTransformer2DModel.*SD3Transformer2DModel"
+                                            ".*FluxTransformer2DModel.*SANA"):
+        layers(fake)
+    with pytest.raises(AttnlensError, match="transformer denoiser.*needs a UNet2DConditionModel"):
+        attnlens.edit(_pipe("pixart"), "a red star", "a blue star", method="fpe")
+
+
+def test_load_pipeline_loads_a_saved_transformer_pipeline(tmp_path):
+    pipe = _pipe("pixart")
+    pipe.save_pretrained(tmp_path / "pixart", safe_serialization=True)
+    loaded = attnlens.load_pipeline(tmp_path / "pixart", device="cpu")
+    assert type(loaded.transformer).__name__ == "PixArtTransformer2DModel"
+    assert layers(loaded).names() == layers(pipe).names()
