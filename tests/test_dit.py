@@ -230,3 +230,42 @@ def test_load_pipeline_loads_a_saved_transformer_pipeline(tmp_path):
     loaded = attnlens.load_pipeline(tmp_path / "pixart", device="cpu")
     assert type(loaded.transformer).__name__ == "PixArtTransformer2DModel"
     assert layers(loaded).names() == layers(pipe).names()
+
+
+# ------------------------------------------------------------------------------------------ published configurations
+# The transformer config.json of PixArt-alpha/PixArt-Sigma-XL-2-1024-MS, stabilityai/stable-diffusion-3.5-medium and
+# black-forest-labs/FLUX.1-dev (the fields that shape the attention), built on the meta device: no weights.
+PIXART_SIGMA = dict(sample_size=128, patch_size=2, in_channels=4, out_channels=8, num_layers=28, num_attention_heads=16,
+                    attention_head_dim=72, cross_attention_dim=1152, caption_channels=4096, attention_bias=True,
+                    activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+                    norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=2, use_additional_conditions=False)
+SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                   pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm",
+                   dual_attention_layers=tuple(range(13)))
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+
+
+def meta(cls_name, config):
+    import diffusers
+
+    with torch.device("meta"):
+        return getattr(diffusers, cls_name)(**config)
+
+
+def test_published_transformer_configs_names_grids_and_shapes():
+    pixart = layers(meta("PixArtTransformer2DModel", PIXART_SIGMA))
+    assert len(pixart) == 56 and pixart.names()[-1] == "block.27.cross"
+    assert {(i.resolution, i.factor, i.heads, i.head_dim) for i in pixart} == {((64, 64), 16, 16, 72)}  # 1024 px
+    sd35 = layers(meta("SD3Transformer2DModel", SD35_MEDIUM))
+    assert len(sd35) == 24 * 2 + 13 and sd35.names()[:3] == ["joint.0.self", "joint.0.cross", "dual.0.self"]
+    assert "dual.12.self" in sd35.names() and "dual.13.self" not in sd35.names()
+    assert {(i.resolution, i.factor, i.heads, i.head_dim) for i in sd35} == {((64, 64), 16, 24, 64)}
+    flux = layers(meta("FluxTransformer2DModel", FLUX_DEV))
+    assert len(flux) == (19 + 38) * 2 and flux.names()[-1] == "single.37.cross"
+    assert sum(i.stream == "joint" for i in flux) == 38 and sum(i.stream == "single" for i in flux) == 76
+    assert {(i.resolution, i.factor, i.heads, i.head_dim) for i in flux} == {((64, 64), 16, 24, 128)}
+    # the token grid scales with the image side: a 768x1344 image (96x168 latent) has 48x84 tokens
+    assert {i.grid((96, 168)) for t in (pixart, sd35, flux) for i in t} == {(48, 84)}
