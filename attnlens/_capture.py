@@ -142,7 +142,9 @@ def capture(
     self-attention map is ``queries x queries``.
 
     Args:
-        pipe: a diffusers pipeline whose denoiser is a ``UNet2DConditionModel``.
+        pipe: a diffusers pipeline whose denoiser is a ``UNet2DConditionModel`` or a supported diffusion
+            transformer (PixArt, SD3/SD3.5, Flux.1: :mod:`attnlens._dit`; a joint-attention layer's
+            ``*.cross`` view is its image->text quadrant, ``*.self`` its image->image quadrant).
         selector: a :class:`Selector`; or give its fields as keywords (``layers``, ``kind``, ...).
         dtype: storage dtype of the maps (on CPU).
         reduce: ``None`` (one map per step), ``"mean"`` or ``"sum"`` over the selected steps.
@@ -153,7 +155,8 @@ def capture(
     Yields:
         an :class:`AttentionCache`, filled during the call. Maps have shape
         ``(items, heads, h, w, keys)``: items are the selected (branch, prompt) pairs, heads is 1 for the
-        head mean, keys is 77 tokens for cross-attention or ``h_k * w_k`` positions for self-attention.
+        head mean, keys is the text tokens for cross-attention (77 for CLIP; a transformer's text length, SD3:
+        77 CLIP then the T5 tokens) or ``h_k * w_k`` positions for self-attention.
 
     Example:
         >>> import torch

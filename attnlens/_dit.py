@@ -101,7 +101,23 @@ def _vae_scale(pipe: Any) -> int:
 
 def dit_layers(pipe: Any, model: Any) -> list[LayerInfo]:
     """The attention layers of a supported transformer ``model`` (of pipeline ``pipe``, or ``model`` itself) in
-    execution order. Called by :func:`attnlens.layers`."""
+    execution order. Called by :func:`attnlens.layers`; without a pipeline, ``factor`` assumes an 8x VAE.
+
+    Example (a joint layer's two views; capture and word maps as on a UNet):
+        >>> import torch
+        >>> from attnlens import capture, layers
+        >>> from attnlens._testing import tiny_sd3_pipeline
+        >>> pipe = tiny_sd3_pipeline()
+        >>> [(i.name, i.stream, i.resolution) for i in layers(pipe)[:2]]
+        [('joint.0.self', 'joint', (4, 4)), ('joint.0.cross', 'joint', (4, 4))]
+        >>> with capture(pipe) as cache:
+        ...     _ = pipe("a red star", num_inference_steps=2, max_sequence_length=16,
+        ...              generator=torch.Generator().manual_seed(0))
+        >>> cache["joint.0.cross", 1].shape  # 77 CLIP tokens, then 16 T5 tokens
+        torch.Size([1, 1, 4, 4, 93])
+        >>> cache.word_map("star").shape
+        torch.Size([4, 4])
+    """
     from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
 
     if isinstance(model, FluxTransformer2DModel):
