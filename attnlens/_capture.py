@@ -77,8 +77,8 @@ class _Recorder:
         """Store the map of ``softmax(q k^T * scale)`` (with the additive or boolean ``mask`` of the layer, and the
         map edits in force) for the selected rows, heads and steps. ``keys``: the key positions that make this
         layer's map (a joint-attention view: the softmax runs over all keys, then the columns are sliced)."""
-        if info.name not in self.cache.layers or self.clock.step not in self.steps:
-            return
+        if info.name not in self.cache.layers or self.clock.step not in self.steps or self.clock.repeat:
+            return  # a repeated call at a step (Flux's true-CFG negative, SD3's skip-layer pass) is not recorded
         rows = _as_index([r for r, _, _ in self.rows])
         heads = self.sel.head_indices(info.heads)
         if not edits:  # select first, compute less; with map edits every row is needed (edits mix rows)

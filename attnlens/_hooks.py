@@ -53,6 +53,7 @@ class StepClock:
         self.cfg = False
         self.latent_hw: tuple[int, int] = (0, 0)
         self.text_len = 0  # text tokens of the denoiser call (its encoder_hidden_states' length)
+        self.repeat = 0  # denoiser calls at this step before this one (Flux's true CFG, SD3's skip-layer guidance)
         self.run = 0  # pipeline calls seen; a call starts when the step goes back
         self.subscribers: list[Subscription] = []
         self._handle: Any = None
@@ -102,6 +103,7 @@ class StepClock:
         step = later[0] if later else hits[0]
         if step < self.step:
             self.run += 1
+        self.repeat = self.repeat + 1 if step == self.step else 0
         self.step = step
         self.cfg = self._cfg(sample)
         self.latent_hw = latent_hw(sample, kwargs)

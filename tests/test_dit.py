@@ -269,3 +269,16 @@ def test_published_transformer_configs_names_grids_and_shapes():
     assert {(i.resolution, i.factor, i.heads, i.head_dim) for i in flux} == {((64, 64), 16, 24, 128)}
     # the token grid scales with the image side: a 768x1344 image (96x168 latent) has 48x84 tokens
     assert {i.grid((96, 168)) for t in (pixart, sd35, flux) for i in t} == {(48, 84)}
+
+
+def test_only_the_first_denoiser_call_of_a_step_is_recorded():
+    """Flux's true classifier-free guidance calls the transformer twice a step, the prompt first and the negative
+    prompt second: the maps are the prompt's, equal to those of a run without the negative call at step 0."""
+    pipe = _pipe("flux")
+    with capture(pipe, layers="joint.0.cross", steps=[0], heads="all", dtype=torch.float32) as plain:
+        run(pipe)
+    with capture(pipe, layers="joint.0.cross", steps=[0], heads="all", dtype=torch.float32) as guided:
+        pipe("a red star", negative_prompt="a blue square", true_cfg_scale=3.0, num_inference_steps=2, height=16,
+             width=16, output_type="pt", max_sequence_length=TEXT, generator=torch.Generator().manual_seed(0))
+    assert guided.item_keys == [("cond", 0)]
+    torch.testing.assert_close(guided["joint.0.cross", 0], plain["joint.0.cross", 0], atol=0, rtol=0)
