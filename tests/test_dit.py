@@ -282,3 +282,17 @@ def test_only_the_first_denoiser_call_of_a_step_is_recorded():
              width=16, output_type="pt", max_sequence_length=TEXT, generator=torch.Generator().manual_seed(0))
     assert guided.item_keys == [("cond", 0)]
     torch.testing.assert_close(guided["joint.0.cross", 0], plain["joint.0.cross", 0], atol=0, rtol=0)
+
+
+def test_pixart_guidance_is_read_from_the_batch():
+    """PixArt's pipeline keeps its guidance flag local: the clock reads it from the batch (the latents doubled)."""
+    pipe = _pipe("pixart")
+    kw = dict(num_inference_steps=1, height=16, width=16, output_type="pt", max_sequence_length=TEXT,
+              use_resolution_binning=False, clean_caption=False)
+    with capture(pipe, branch="both") as guided:
+        pipe("a red star", guidance_scale=4.5, generator=torch.Generator().manual_seed(0), **kw)
+    assert guided.item_keys == [("uncond", 0), ("cond", 0)]
+    with capture(pipe, branch="both") as plain:
+        pipe(["a red star", "a blue square"], guidance_scale=1.0, generator=torch.Generator().manual_seed(0), **kw)
+    assert plain.item_keys == [("cond", 0), ("cond", 1)]
+    assert plain.words(1) == ["a", "blue", "square"]
