@@ -80,12 +80,18 @@ class StepClock:
         near = min(index, key=lambda x: abs(x - t))
         return index[near] if abs(near - t) <= 1e-4 * max(1.0, abs(t)) else None
 
-    def _cfg(self, sample: torch.Tensor) -> bool:
-        """Whether the call is a classifier-free-guidance batch: the pipeline's own flag where it has one, else
-        (PixArt keeps it local) whether the batch is two identical halves (the latents doubled for CFG)."""
+    def _cfg(self, module: Any, sample: torch.Tensor) -> bool:
+        """Whether the call is a classifier-free-guidance batch: the pipeline's own flag where it has one; never
+        for Flux (its pipeline runs true CFG as a second call, not a doubled batch); else (PixArt keeps the flag
+        local) whether the batch is two identical halves, the latents doubled for CFG. That last rule misreads a
+        PixArt run without guidance (``guidance_scale <= 1``) whose two batch halves start from the same noise."""
         flag = getattr(self.pipe, "do_classifier_free_guidance", None)
         if flag is not None:
             return bool(flag)
+        from diffusers import FluxTransformer2DModel
+
+        if isinstance(module, FluxTransformer2DModel):
+            return False
         n = sample.shape[0]
         return n % 2 == 0 and n > 0 and torch.equal(sample[: n // 2], sample[n // 2:])
 
@@ -105,7 +111,7 @@ class StepClock:
             self.run += 1
         self.repeat = self.repeat + 1 if step == self.step else 0
         self.step = step
-        self.cfg = self._cfg(sample)
+        self.cfg = self._cfg(module, sample)
         self.latent_hw = latent_hw(sample, kwargs)
         context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         self.text_len = int(context.shape[1]) if torch.is_tensor(context) and context.ndim == 3 else 0

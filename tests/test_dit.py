@@ -296,3 +296,24 @@ def test_pixart_guidance_is_read_from_the_batch():
         pipe(["a red star", "a blue square"], guidance_scale=1.0, generator=torch.Generator().manual_seed(0), **kw)
     assert plain.item_keys == [("cond", 0), ("cond", 1)]
     assert plain.words(1) == ["a", "blue", "square"]
+
+
+def test_collect_reads_word_features_on_transformers(family):
+    """collect's word feature is the captured cross-attention map summed over the word's tokens, on every family
+    (SD3: over the 77 CLIP keys of its 93 text keys; Flux: the T5-side tokens), and self-attention sites work."""
+    from attnlens import collect
+
+    pipe = _pipe(family)
+    extra = {"use_resolution_binning": False, "clean_caption": False} if family == "pixart" else {}
+    prompts = ["a red star", "a blue square"]
+    layer = "block.1" if family == "pixart" else "joint.0"
+    feats = collect(pipe, prompts, labels={"colour": ["red", "blue"]}, words="{colour}", num_inference_steps=2,
+                    sites=Selector(layers=f"{layer}.*", steps=[0]), progress=False, batch_size=2,
+                    pipe_kwargs=dict(height=16, width=16, max_sequence_length=TEXT, **extra))
+    got = feats["{colour}", f"{layer}.cross", 0]  # step 0: before guidance mixes anything in
+    assert got.shape == (2, 16) and feats[("self", f"{layer}.self", 0)].shape[0] == 2
+    for i, (prompt, colour) in enumerate(zip(prompts, ["red", "blue"])):
+        with capture(pipe, layers=f"{layer}.cross", steps=[0], dtype=torch.float32) as cache:
+            run(pipe, prompt)
+        expected = cache.word_map(colour).reshape(-1).numpy()
+        assert abs(got[i] - expected).max() < 1e-3
