@@ -317,3 +317,18 @@ def test_collect_reads_word_features_on_transformers(family):
             run(pipe, prompt)
         expected = cache.word_map(colour).reshape(-1).numpy()
         assert abs(got[i] - expected).max() < 1e-3
+
+
+def test_joint_views_pool_save_and_load(tmp_path):
+    """A joint layer's self view pools its key grid like a UNet self-attention map (rows keep their mass), and a
+    transformer cache round-trips through safetensors with its layers' streams."""
+    pipe = _pipe("sd3")
+    with capture(pipe, layers="joint.0.*", kind=None, store_resolution=2, dtype=torch.float32) as cache:
+        run(pipe)
+    pooled = cache["joint.0.self", 1]
+    assert pooled.shape == (1, 1, 2, 2, 4)
+    with capture(pipe, layers="joint.0.self", kind="self", dtype=torch.float32) as full:
+        run(pipe)
+    torch.testing.assert_close(pooled.sum(-1).mean(), full["joint.0.self", 1].sum(-1).mean(), atol=1e-5, rtol=0)
+    back = attnlens.AttentionCache.load(cache.save(tmp_path / "sd3.safetensors"))
+    assert back.layers["joint.0.cross"].stream == "joint" and set(back.keys()) == set(cache.keys())
