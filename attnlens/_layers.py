@@ -1,4 +1,5 @@
-"""Discover the attention layers of a Stable Diffusion-family UNet and name them.
+"""Discover the attention layers of a Stable Diffusion-family UNet and name them (diffusion transformers:
+:mod:`attnlens._dit`, which :func:`layers` hands them to).
 
 Naming scheme (stable across runs and diffusers versions)::
 
