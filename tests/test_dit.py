@@ -332,3 +332,24 @@ def test_joint_views_pool_save_and_load(tmp_path):
     torch.testing.assert_close(pooled.sum(-1).mean(), full["joint.0.self", 1].sum(-1).mean(), atol=1e-5, rtol=0)
     back = attnlens.AttentionCache.load(cache.save(tmp_path / "sd3.safetensors"))
     assert back.layers["joint.0.cross"].stream == "joint" and set(back.keys()) == set(cache.keys())
+
+
+def test_t5_tokens_make_words_as_clip_tokens_do():
+    """PixArt's and Flux's text keys are T5 (SentencePiece) tokens: words start at U+2581, there is no start token,
+    punctuation is its own word and case is ignored when a word is looked up."""
+    from attnlens._prompts import token_indices, words
+    from attnlens._testing import t5_style_tokenizer
+
+    tok = t5_style_tokenizer()
+    tokens = tok.convert_ids_to_tokens(tok("A Big red hexagon, left", padding="max_length", max_length=16).input_ids)
+    assert [w for w, _ in words(tokens)] == ["A", "Big", "red", "hexagon", ",", "left"]
+    assert token_indices(tokens, "big red") == [2, 3, 4, 5, 6] and token_indices(tokens, "hexagon") == [7]  # "\u2581", "B", "i", "g"
+    end = tokens.index("</s>")
+    assert token_indices(tokens, "<end>") == [end] and token_indices(tokens, "<pad>") == list(range(end + 1, 16))
+    with pytest.raises(AttnlensError, match="no start token"):
+        token_indices(tokens, "<start>")
+    pipe = _pipe("flux")
+    with capture(pipe) as cache:
+        run(pipe, "a big red star")
+    assert cache.tokens[0][:5] == ["\u2581a", "\u2581big", "\u2581red", "\u2581star", "</s>"]
+    assert cache.token_indices("red star") == [2, 3] and cache.word_map("<end>").shape == (4, 4)
