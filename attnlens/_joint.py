@@ -133,12 +133,18 @@ class HookedFluxProcessor(_JointBase):
 
 
 def joint_processor_for(base: Any) -> type | None:
-    """The hooked class for a diffusers joint-attention processor, by type (``None`` if it is not one)."""
+    """The hooked class for a diffusers joint-attention processor, by type (``None`` if it is not one).
+
+    Flux's processor is diffusers' ``FluxAttnProcessor`` on ``FluxAttention`` (diffusers 0.35 and later; older
+    versions' ``FluxAttnProcessor2_0`` is refused by :func:`attnlens._hooks.attach` with the hookable list)."""
     from diffusers.models.attention_processor import JointAttnProcessor2_0
-    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
     if type(base) is JointAttnProcessor2_0:
         return HookedSD3Processor
+    try:
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+    except ImportError:  # an older diffusers
+        return None
     if type(base) is FluxAttnProcessor:
         return HookedFluxProcessor
     return None
