@@ -192,7 +192,8 @@ def _captured_steps(cache: "AttentionCache", layers: Sequence[str]) -> list[int]
 def word_grid(cache: "AttentionCache", image: Image.Image, words: Sequence[str] | None = None, *, prompt: int = 0,
               layers: Sequence[str] | None = None, steps: Sequence[int] | None = None, tile: int = 128,
               columns: int | None = None) -> Image.Image:
-    """One overlay per word of the prompt (default: every word), averaged over ``layers`` and ``steps``.
+    """One overlay per word of the prompt (default: every word), averaged over ``layers`` (default:
+    :meth:`~attnlens.AttentionCache.word_map`'s, the finest captured level) and ``steps``.
 
     The first tile is the image itself.
     """

@@ -141,7 +141,7 @@ def test_word_maps_merge_tokens_and_reach_special_tokens(pipe):
     assert cache.token_indices("on the left") == [5, 6, 7]
     assert cache.token_indices("<start>") == [0] and cache.token_indices("<end>") == [8]
     assert cache.token_indices("<pad>") == list(range(9, 77))
-    full = cache.aggregate()[0]
+    full = cache.aggregate(cache.word_map_layers())[0]  # the default: the finest captured level
     torch.testing.assert_close(cache.word_map("hexagon"), full[..., 3] + full[..., 4])
     with pytest.raises(AttnlensError, match=r"'dog' is not a word.*'hexagon'"):
         cache.word_map("dog")

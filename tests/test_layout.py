@@ -171,13 +171,16 @@ def test_no_package_module_finds_files_above_the_package(path):
 
 
 def test_the_wheel_holds_no_training_or_card_code():
-    """The packages setuptools collects with pyproject's own settings are attnlens's alone, and none of their
+    """The packages setuptools collects with pyproject's own settings are attnlens's and the exercises', and none of their
     modules is the training tool's; the tool lives in tools/shapes_model/."""
     from setuptools import find_packages
 
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     packages = find_packages(str(ROOT), **config["packages"]["find"])
-    assert packages and all(p == PACKAGE or p.startswith(PACKAGE + ".") for p in packages), packages
+    # attnlens and the course's exercise checkers (attnlens_exercises: the book's implement-it exercises, which
+    # a reader runs from a pip install too)
+    shipped = (PACKAGE, "attnlens_exercises")
+    assert packages and all(p.split(".")[0] in shipped for p in packages), packages
     modules = [ROOT.joinpath(*p.split("."), f) for p in packages for f in
                (f.name for f in ROOT.joinpath(*p.split(".")).glob("*.py"))]
     assert {m.stem for m in modules}.isdisjoint(TRAINING_CODE), sorted(m for m in modules if m.stem in TRAINING_CODE)

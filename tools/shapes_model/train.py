@@ -52,8 +52,9 @@ import attnlens
 from attnlens._tokenizer import TOKENIZER_DIR, VOCAB_SIZE, load_tokenizer
 from attnlens.shapes import BACKGROUNDS, COLOURS, ShapesDataset
 
-from . import CHECKPOINTS, EMBEDDED
-from .card import RESULTS, TEXT_PATH, rebuild_commands, summarize_log, text_path_applies, weight_sums, write_card
+from . import CHECKPOINTS, EMBEDDED, RESULTS as RESULTS_DIR
+from .card import (RESULTS, TEXT_PATH, fingerprint, rebuild_commands, summarize_log, text_path_applies, weight_sums,
+                   write_card)
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
 
 # ------------------------------------------------------------------------------------------ configs
@@ -597,6 +598,7 @@ def export(workdir: Path, out: Path, use_ema: bool = True) -> Path:
                                    requires_safety_checker=False)
     pipe.to(torch.float16)
     pipe.save_pretrained(out, safe_serialization=True)
+    canonical_text_encoder_keys(out)
     # transformers writes the tokenizer as one tokenizer.json (3.5 MB); ship the smaller vocab.json +
     # merges.txt pair it was built from instead, which CLIPTokenizer reads just as well
     tok_dir = Path(out) / "tokenizer"
@@ -619,6 +621,62 @@ def export(workdir: Path, out: Path, use_ema: bool = True) -> Path:
     (Path(out) / "training.json").write_text(json.dumps(record, indent=1))
     write_card(out)
     return Path(out)
+
+
+TEXT_PREFIX = "text_model."
+
+
+def canonical_text_encoder_keys(folder: Path) -> bool:
+    """Rewrite ``folder/text_encoder``'s weights so every key carries CLIP's ``text_model.`` prefix.
+
+    transformers 5.x saves a ``CLIPTextModel`` without the prefix and reads both spellings; 4.x reads only the
+    prefixed one and, given the other, initialises the text encoder at random with nothing but a warning. The
+    prefixed names are the ones every supported version reads (tests/test_weights_load_exactly.py checks it,
+    and scripts/test_oldest.sh runs that test on the oldest versions). The tensors are unchanged. Returns
+    whether anything was rewritten."""
+    from safetensors.torch import load_file, save_file
+
+    changed = False
+    for f in sorted((Path(folder) / "text_encoder").glob("*.safetensors")):
+        tensors = load_file(f)
+        if all(k.startswith(TEXT_PREFIX) for k in tensors):
+            continue
+        atomic_write(f, lambda tmp, t=tensors: save_file(
+            {(k if k.startswith(TEXT_PREFIX) else TEXT_PREFIX + k): v.contiguous() for k, v in t.items()},
+            str(tmp), metadata={"format": "pt"}))
+        changed = True
+    return changed
+
+
+def canonicalise(folder: Path, results: Path = RESULTS_DIR) -> list[Path]:
+    """Give an exported folder canonical text-encoder key names (:func:`canonical_text_encoder_keys`) and keep
+    everything measured on it valid: its ``training.json`` checksums are refreshed, and each benchmark record
+    in ``results`` whose model fingerprint was the folder's old one is restamped with the new fingerprint,
+    after checking that every tensor is the same (so the folder still generates the same images). Returns the
+    records restamped."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    before_fp = fingerprint(folder)
+    before = {f: load_file(f) for f in sorted((folder / "text_encoder").glob("*.safetensors"))}
+    if not canonical_text_encoder_keys(folder):
+        return []
+    for f, old in before.items():
+        new = load_file(f)
+        assert len(new) == len(old) and all(torch.equal(new[TEXT_PREFIX + k.removeprefix(TEXT_PREFIX)], v)
+                                            for k, v in old.items()), f"{f}: tensors changed while renaming keys"
+    record_path = folder / "training.json"
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        record["sha256"] = weight_sums(folder)
+        record_path.write_text(json.dumps(record, indent=1))
+    after_fp, restamped = fingerprint(folder), []
+    for r in sorted(Path(results).glob("*.json")):
+        text = r.read_text()
+        if before_fp in text:
+            r.write_text(text.replace(before_fp, after_fp))
+            restamped.append(r)
+    return restamped
 
 
 def record_rebuild(folder: Path) -> Path:
@@ -651,12 +709,15 @@ def text_path_current(folder: Path = EMBEDDED, record: Path = TEXT_PATH) -> bool
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tools.shapes_model.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["vae", "unet", "export", "card", "pack", "unpack", "text-path-current"],
+    parser.add_argument("stage", choices=["vae", "unet", "export", "card", "pack", "unpack", "text-path-current",
+                                          "canonical-keys"],
                         help="card: rewrite the model card (README.md) of the --out folder from its training.json and "
                         "benchmarks/results/shapes_quality.json (run it after python -m benchmarks.shapes_quality), "
                         "and refresh the rebuild commands in its training.json; text-path-current: exit status 0 "
                         "if benchmarks/results/shapes_text_path.json fits the --out folder's (default: the "
-                        "embedded model's) VAE, tokenizer and scheduler, 1 if it must be rerun")
+                        "embedded model's) VAE, tokenizer and scheduler, 1 if it must be rerun; canonical-keys: "
+                        "give the --out folder's text encoder the key names every supported transformers reads, "
+                        "refresh its checksums and restamp the benchmark records measured on it (same tensors)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/shapes"))
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
@@ -688,6 +749,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.stage == "text-path-current":
         raise SystemExit(0 if text_path_current(args.out or EMBEDDED) else 1)
+    if args.stage == "canonical-keys":
+        for r in canonicalise(args.out or EMBEDDED):
+            print(f"restamped {r}")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
