@@ -353,3 +353,12 @@ def test_t5_tokens_make_words_as_clip_tokens_do():
         run(pipe, "a big red star")
     assert cache.tokens[0][:5] == ["\u2581a", "\u2581big", "\u2581red", "\u2581star", "</s>"]
     assert cache.token_indices("red star") == [2, 3] and cache.word_map("<end>").shape == (4, 4)
+
+
+def test_cli_lists_the_layers_of_a_saved_flux_pipeline(tmp_path, capsys):
+    from attnlens.cli import main
+
+    _pipe("flux").save_pretrained(tmp_path / "flux", safe_serialization=True)
+    assert main(["--device", "cpu", "layers", str(tmp_path / "flux")]) in (0, None)
+    out = capsys.readouterr().out
+    assert "single.1.cross" in out and "single_transformer_blocks.1.attn" in out and "joint" in out
