@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ._cache import AttentionCache
+from ._dit import text_side
 from ._errors import AttnlensError
 from ._hooks import StepClock, attach, attention_probs
 from ._layers import LayerInfo, layers as list_layers
@@ -70,31 +71,41 @@ class _Recorder:
 
     def _bytes(self, info: LayerInfo) -> int:
         h, w = self._grid(info)
-        keys = 77 if info.kind == "cross" else h * w
+        keys = (self.clock.text_len or 77) if info.kind == "cross" else h * w
         heads = 1 if self.sel.heads == "mean" else len(self.sel.head_indices(info.heads))
         n_maps = 1 if self.reduce else len(self.steps)
         return n_maps * len(self.rows) * heads * h * w * keys * torch.finfo(self.dtype).bits // 8
 
-    def on_attention(self, info: LayerInfo, q, k, v, scale: float, edits: list | tuple = ()) -> None:
-        if info.name not in self.cache.layers or self.clock.step not in self.steps:
-            return
+    def on_attention(self, info: LayerInfo, q, k, v, scale: float, edits: list | tuple = (),
+                     mask: torch.Tensor | None = None, keys: slice | None = None) -> None:
+        """Store the map of ``softmax(q k^T * scale)`` (with the additive or boolean ``mask`` of the layer, and the
+        map edits in force) for the selected rows, heads and steps. ``keys``: the key positions that make this
+        layer's map (a joint-attention view: the softmax runs over all keys, then the columns are sliced)."""
+        if info.name not in self.cache.layers or self.clock.step not in self.steps or self.clock.repeat:
+            return  # a repeated call at a step (Flux's true-CFG negative, SD3's skip-layer pass) is not recorded
         rows = _as_index([r for r, _, _ in self.rows])
         heads = self.sel.head_indices(info.heads)
         if not edits:  # select first, compute less; with map edits every row is needed (edits mix rows)
             q, k = q[rows], k[rows]
             if heads is not None:
                 q, k = q[:, heads], k[:, heads]
+            if mask is not None:
+                mask = mask[rows] if mask.shape[0] > 1 else mask
+                if heads is not None and mask.ndim == 4 and mask.shape[1] > 1:
+                    mask = mask[:, heads]
         h, w = info.grid(self.clock.latent_hw)
         if h * w != q.shape[2]:
             raise AttnlensError(f"layer {info.name}: {q.shape[2]} queries do not form the expected {h}x{w} grid")
         gh, gw = self._grid(info)
         pooled_keys = info.kind == "self" and (gh, gw) != (h, w)
         parts = []
-        for start, probs in attention_probs(q, k, scale):
+        for start, probs in attention_probs(q, k, scale, mask=mask):
             if edits:
                 for fn in edits:
                     probs = fn(start, probs)
                 probs = probs[rows] if heads is None else probs[rows][:, heads]
+            if keys is not None:
+                probs = probs[..., keys]
             if heads is None:
                 probs = probs.mean(dim=1, keepdim=True)
             if pooled_keys:  # self-attention keys are positions too: pool their mass (rows keep summing to 1)
@@ -135,7 +146,9 @@ def capture(
     self-attention map is ``queries x queries``.
 
     Args:
-        pipe: a diffusers pipeline whose denoiser is a ``UNet2DConditionModel``.
+        pipe: a diffusers pipeline whose denoiser is a ``UNet2DConditionModel`` or a supported diffusion
+            transformer (PixArt, SD3/SD3.5, Flux.1: :mod:`attnlens._dit`; a joint-attention layer's
+            ``*.cross`` view is its image->text quadrant, ``*.self`` its image->image quadrant).
         selector: a :class:`Selector`; or give its fields as keywords (``layers``, ``kind``, ...).
         dtype: storage dtype of the maps (on CPU).
         reduce: ``None`` (one map per step), ``"mean"`` or ``"sum"`` over the selected steps.
@@ -146,7 +159,8 @@ def capture(
     Yields:
         an :class:`AttentionCache`, filled during the call. Maps have shape
         ``(items, heads, h, w, keys)``: items are the selected (branch, prompt) pairs, heads is 1 for the
-        head mean, keys is 77 tokens for cross-attention or ``h_k * w_k`` positions for self-attention.
+        head mean, keys is the text tokens for cross-attention (77 for CLIP; a transformer's text length, SD3:
+        77 CLIP then the T5 tokens) or ``h_k * w_k`` positions for self-attention.
 
     Example:
         >>> import torch
@@ -166,13 +180,12 @@ def capture(
                             branch=branch, prompts=prompts)
     _check_arguments(reduce, selector.steps, dtype, store_resolution, budget)
     chosen = selector.match(list_layers(pipe))
-    tokenizer = getattr(pipe, "tokenizer", None)
+    tokenizer, text = text_side(pipe)  # the tokens of the cross-attention keys (Flux: the T5 side)
     cache = AttentionCache({i.name: i for i in chosen}, tokenizer=tokenizer)
     cache._heads = (selector.heads if isinstance(selector.heads, str)
                     else [int(h) if isinstance(h, numbers.Integral) else h for h in selector.heads])
     recorder = _Recorder(selector, cache, dtype, reduce, store_resolution, budget, chosen)
     recorder.clock, detach = attach(pipe, chosen, hook=recorder, listener=recorder.start)
-    text = getattr(pipe, "text_encoder", None)
     try:
         handle = text.register_forward_pre_hook(cache._text_pre_hook, with_kwargs=True) if text is not None else None
         try:

@@ -56,6 +56,7 @@ import pandas as pd
 import torch
 
 from ._capture import capture
+from ._dit import text_side
 from ._errors import AttnlensError, check_int, choices
 from ._features import FORMAT, SELF, Features, Key, _key_str, load_features, shard_path, site_name
 from ._identity import fingerprint
@@ -224,7 +225,8 @@ def _plan(pipe, data, labels, seeds, words, sites, resolution, self_grid, num_in
         raise AttnlensError("cross-attention sites are selected but words=None; name the word(s) to read, e.g. "
                             "words='{shape}' or words={'shape': '{shape}', 'end': '<end>'}")
     word_lists = _resolve_words(words, rows, n_input, per_item) if cross else {}
-    weights = _token_weights(word_lists, tokenize(getattr(pipe, "tokenizer", None), rows["prompt"].tolist()), rows) if cross else {}
+    tokenizer = text_side(pipe)[0]  # the tokenizer of the cross-attention keys (Flux: its T5 side)
+    weights = _token_weights(word_lists, tokenize(tokenizer, rows["prompt"].tolist()), rows) if cross else {}
     mk = lambda names: Selector(layers=names, steps=sel.steps, heads=sel.heads, branch=sel.branch) if names else None
     items_hash = hashlib.sha256(rows.to_csv(index=False).encode()).hexdigest()[:16]
     config = {
@@ -295,8 +297,10 @@ def _generate(pipe, plan: _Plan, idx: np.ndarray, num_inference_steps, guidance_
             for step in plan.steps:
                 m = cc[layer, step].float()  # (items, heads, h, w, 77)
                 for name, w in weights.items():
-                    feats[(name, layer, step)] = torch.einsum("bnxyk,bk->bnxy", m, w[:, : m.shape[-1]]) \
-                        .reshape(len(idx), -1).numpy()
+                    w = w[:, : m.shape[-1]]
+                    if w.shape[1] < m.shape[-1]:  # SD3: 77 CLIP keys, then T5 keys that no word weight covers
+                        w = torch.nn.functional.pad(w, (0, m.shape[-1] - w.shape[1]))
+                    feats[(name, layer, step)] = torch.einsum("bnxyk,bk->bnxy", m, w).reshape(len(idx), -1).numpy()
     if sc is not None:
         for layer in sc.layers:
             for step in plan.steps:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ._errors import AttnlensError
-from ._layers import LayerInfo, get_unet
+from ._layers import LayerInfo, get_denoiser
 
 _CHUNK_ELEMENTS = 1 << 24  # fp32 scores per chunk: 64 MiB
 
@@ -52,6 +52,8 @@ class StepClock:
         self.n_steps = 0
         self.cfg = False
         self.latent_hw: tuple[int, int] = (0, 0)
+        self.text_len = 0  # text tokens of the denoiser call (its encoder_hidden_states' length)
+        self.repeat = 0  # denoiser calls at this step before this one (Flux's true CFG, SD3's skip-layer guidance)
         self.run = 0  # pipeline calls seen; a call starts when the step goes back
         self.subscribers: list[Subscription] = []
         self._handle: Any = None
@@ -68,20 +70,51 @@ class StepClock:
             self._index, self._schedule_key, self.n_steps = index, key, len(ts)
         return self._index
 
+    def _hits(self, t: float) -> list[int] | None:
+        """The schedule indices of timestep ``t``: exact, else the nearest within float rounding (Flux's pipeline
+        passes ``t / 1000``, which its transformer and this clock scale back)."""
+        index = self._schedule()
+        hits = index.get(t)
+        if hits or not index:
+            return hits
+        near = min(index, key=lambda x: abs(x - t))
+        return index[near] if abs(near - t) <= 1e-4 * max(1.0, abs(t)) else None
+
+    def _cfg(self, module: Any, sample: torch.Tensor) -> bool:
+        """Whether the call is a classifier-free-guidance batch: the pipeline's own flag where it has one; never
+        for Flux (its pipeline runs true CFG as a second call, not a doubled batch); else (PixArt keeps the flag
+        local) whether the batch is two identical halves, the latents doubled for CFG. That last rule misreads a
+        PixArt run without guidance (``guidance_scale <= 1``) whose two batch halves start from the same noise."""
+        flag = getattr(self.pipe, "do_classifier_free_guidance", None)
+        if flag is not None:
+            return bool(flag)
+        from diffusers import FluxTransformer2DModel
+
+        if isinstance(module, FluxTransformer2DModel):
+            return False
+        n = sample.shape[0]
+        return n % 2 == 0 and n > 0 and torch.equal(sample[: n // 2], sample[n // 2:])
+
     def pre_hook(self, module: Any, args: tuple, kwargs: dict) -> None:
-        sample = args[0] if args else kwargs["sample"]
+        from ._dit import latent_hw, timestep_scale
+
+        sample = args[0] if args else kwargs["sample"] if "sample" in kwargs else kwargs["hidden_states"]
         t = args[1] if len(args) > 1 else kwargs["timestep"]
         t = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
-        hits = self._schedule().get(t)
+        t *= timestep_scale(module)
+        hits = self._hits(t)
         if not hits:
             raise AttnlensError(f"timestep {t} is not in the scheduler's schedule; attnlens follows the pipeline's loop")
         later = [i for i in hits if i >= self.step]
         step = later[0] if later else hits[0]
         if step < self.step:
             self.run += 1
+        self.repeat = self.repeat + 1 if step == self.step else 0
         self.step = step
-        self.cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
-        self.latent_hw = tuple(sample.shape[-2:])
+        self.cfg = self._cfg(module, sample)
+        self.latent_hw = latent_hw(sample, kwargs)
+        context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        self.text_len = int(context.shape[1]) if torch.is_tensor(context) and context.ndim == 3 else 0
         for sub in list(self.subscribers):
             first = sub.run is None
             if first:
@@ -101,7 +134,7 @@ def _subscribe(pipe: Any, sub: Subscription) -> tuple[StepClock, Callable[[], No
     clock = _CLOCKS.get(pipe)
     if clock is None or clock._handle is None:
         clock = StepClock(pipe)
-        clock._handle = get_unet(pipe).register_forward_pre_hook(clock.pre_hook, with_kwargs=True)
+        clock._handle = get_denoiser(pipe).register_forward_pre_hook(clock.pre_hook, with_kwargs=True)
         _CLOCKS[pipe] = clock
     clock.subscribers.append(sub)
 
@@ -177,7 +210,7 @@ class HookedProcessor:
         else:
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
         for hook in self.hooks:
-            hook.on_attention(self.info, query, key, value, attn.scale, edits)
+            hook.on_attention(self.info, query, key, value, attn.scale, edits, mask=attention_mask)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if input_ndim == 4:
@@ -202,23 +235,41 @@ def attach(pipe: Any, chosen: list[LayerInfo], hook: Any = None, controller: Any
     Returns ``(clock, detach)``; ``detach()`` removes exactly what this call added, in whatever order contexts
     leave, and puts a layer's original processor object back when nothing is left on it.
     """
+    from ._joint import _JointBase, joint_processor_for
+
     plain = _hookable()
-    modules = [info.module if info.module is not None else _module(pipe, info) for info in chosen]
-    for info, module in zip(chosen, modules):
+    modules, seen = [], set()  # one entry per module: a joint layer's two views share theirs
+    for info in chosen:
+        module = info.module if info.module is not None else _module(pipe, info)
+        if id(module) not in seen:
+            seen.add(id(module))
+            modules.append((info, module))
+    for info, module in modules:
         proc = module.processor
-        if not isinstance(proc, HookedProcessor) and type(proc) not in plain:
+        joint = isinstance(proc, _JointBase) or joint_processor_for(proc) is not None
+        if not isinstance(proc, (HookedProcessor, _JointBase)) and type(proc) not in plain and not joint:
             raise AttnlensError(
                 f"layer {info.name} uses the attention processor {type(proc).__name__}; attnlens can hook "
-                f"{', '.join(t.__name__ for t in plain)} (call pipe.unet.set_default_attn_processor() or unfuse QKV "
-                "projections first)"
+                f"{', '.join(t.__name__ for t in plain)}, JointAttnProcessor2_0 (SD3) and FluxAttnProcessor (Flux) "
+                "(call set_default_attn_processor() on the denoiser or unfuse QKV projections first)"
             )
+        if joint and controller is not None:
+            raise AttnlensError(f"layer {info.name} is joint attention ({info.stream}): editing joint attention "
+                                "(SD3, Flux) is not supported yet; capture and word maps are")
     sub = Subscription(listener)
     clock, leave = _subscribe(pipe, sub)
     procs = []
-    for info, module in zip(chosen, modules):
+    for info, module in modules:
         proc = module.processor
-        if not isinstance(proc, HookedProcessor):
-            proc = HookedProcessor(info, proc)
+        if not isinstance(proc, (HookedProcessor, _JointBase)):
+            cls = joint_processor_for(proc)
+            if cls is None:
+                proc = HookedProcessor(info, proc)
+            else:
+                from ._layers import layers as list_layers
+
+                views = [i for i in list_layers(pipe) if i.path == info.path]
+                proc = cls(views, proc, clock)
             module.set_processor(proc)
         if hook is not None:
             proc.hooks.append(hook)
@@ -240,7 +291,7 @@ def attach(pipe: Any, chosen: list[LayerInfo], hook: Any = None, controller: Any
 
 
 def _module(pipe: Any, info: LayerInfo) -> Any:
-    return get_unet(pipe).get_submodule(info.path)
+    return get_denoiser(pipe).get_submodule(info.path)
 
 
 # ------------------------------------------------------------------------------------------ explicit attention

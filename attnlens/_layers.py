@@ -1,4 +1,5 @@
-"""Discover the attention layers of a Stable Diffusion-family UNet and name them.
+"""Discover the attention layers of a Stable Diffusion-family UNet and name them (diffusion transformers:
+:mod:`attnlens._dit`, which :func:`layers` hands them to).
 
 Naming scheme (stable across runs and diffusers versions)::
 
@@ -47,6 +48,7 @@ class LayerInfo:
     factor: int
     heads: int
     head_dim: int
+    stream: str = "unet"  # "unet"; for transformers "self", "cross", "joint" or "single" (attnlens._dit)
     module: Any = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
@@ -76,7 +78,8 @@ class LayerTable(list):
             d = info.to_dict()
             d["resolution"] = f"{info.resolution[0]}x{info.resolution[1]}"
             rows.append(d)
-        return pd.DataFrame(rows, columns=["name", "path", "kind", "level", "resolution", "factor", "heads", "head_dim"])
+        return pd.DataFrame(rows, columns=["name", "path", "kind", "stream", "level", "resolution", "factor",
+                                           "heads", "head_dim"])
 
     def names(self) -> list[str]:
         return [info.name for info in self]
@@ -94,13 +97,31 @@ def get_unet(obj: Any) -> UNet2DConditionModel:
 
     unet = obj if isinstance(obj, UNet2DConditionModel) else getattr(obj, "unet", None)
     if not isinstance(unet, UNet2DConditionModel):
-        denoiser = getattr(obj, "transformer", None) or unet or obj
-        raise AttnlensError(
-            f"unsupported architecture: {type(obj).__name__} with denoiser {type(denoiser).__name__}. attnlens "
-            "supports pipelines whose denoiser is a diffusers UNet2DConditionModel (Stable Diffusion 1.x, 2.x, "
-            "SDXL and their fine-tunes); transformer denoisers (SD3, Flux, PixArt) are not supported."
-        )
+        from ._dit import is_dit, unsupported
+
+        if is_dit(getattr(obj, "transformer", None)) or is_dit(obj):
+            raise AttnlensError(
+                f"{type(obj).__name__} has a transformer denoiser: attnlens.layers, capture and word maps support it, "
+                "but this operation (editing, inversion, image encoding) needs a UNet2DConditionModel denoiser so far"
+            )
+        raise unsupported(obj)
     return unet
+
+
+def get_denoiser(obj: Any) -> Any:
+    """The denoiser of a pipeline (or the denoiser itself): a ``UNet2DConditionModel`` or a supported diffusion
+    transformer (:mod:`attnlens._dit`); a clear error naming the supported ones otherwise."""
+    from diffusers import UNet2DConditionModel
+
+    from ._dit import is_dit, unsupported
+
+    if isinstance(obj, UNet2DConditionModel) or is_dit(obj):
+        return obj
+    for name in ("unet", "transformer"):
+        model = getattr(obj, name, None)
+        if isinstance(model, UNet2DConditionModel) or is_dit(model):
+            return model
+    raise unsupported(obj)
 
 
 def _vae_scale(obj: Any) -> int:
@@ -111,7 +132,8 @@ def _vae_scale(obj: Any) -> int:
 
 
 def layers(pipe_or_unet: Any) -> LayerTable:
-    """Every attention layer of a pipeline's UNet, in execution order (down blocks, mid block, up blocks).
+    """Every attention layer of a pipeline's denoiser, in execution order: a UNet's down blocks, mid block and
+    up blocks; a diffusion transformer's blocks (names, streams and grids in :mod:`attnlens._dit`).
 
     Example:
         >>> from attnlens._testing import tiny_pipeline
@@ -123,7 +145,14 @@ def layers(pipe_or_unet: Any) -> LayerTable:
     """
     from diffusers.models.attention_processor import Attention
 
-    unet = get_unet(pipe_or_unet)
+    denoiser = get_denoiser(pipe_or_unet)
+    from ._dit import is_dit
+
+    if is_dit(denoiser):
+        from ._dit import dit_layers
+
+        return LayerTable(dit_layers(pipe_or_unet, denoiser))
+    unet = denoiser
     sample = unet.config.sample_size
     sample_hw = (sample, sample) if isinstance(sample, int) else tuple(sample)
     n_down = sum(1 for b in unet.down_blocks if getattr(b, "downsamplers", None))

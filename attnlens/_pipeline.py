@@ -128,7 +128,8 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict:
 
 def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.device | None = None,
                   dtype: torch.dtype | None = None, **kwargs: Any):
-    """Load a Stable Diffusion-family pipeline from a hub id or a local folder (safetensors only).
+    """Load a Stable Diffusion-family pipeline from a hub id or a local folder (safetensors only): a UNet
+    denoiser (SD 1.x, 2.x, SDXL) or a supported diffusion transformer (PixArt, SD3/SD3.5, Flux.1).
 
     ``model`` defaults to ``$ATTNLENS_MODEL`` and then to the embedded Shapes model. Device and dtype
     are chosen once here; everything in attnlens follows the pipeline.
@@ -157,7 +158,7 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.de
     except (OSError, EnvironmentError, ValueError) as exc:
         hint = f" {_rebuild_hint(local)}" if local.is_dir() else ""
         raise AttnlensError(f"could not load a pipeline from {str(model)!r} with safetensors weights: {exc}.{hint}") from exc
-    from ._layers import get_unet
+    from ._layers import get_denoiser
 
-    get_unet(pipe)  # unsupported architectures fail here, with the supported list
+    get_denoiser(pipe)  # unsupported architectures fail here, with the supported list
     return pipe.to(device)

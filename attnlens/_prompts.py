@@ -22,8 +22,15 @@ import torch
 
 from ._errors import AttnlensError
 
-SPECIAL = {"<start>": "start", "<|startoftext|>": "start", "<end>": "end", "<|endoftext|>": "end", "<pad>": "pad"}
-END_TOKEN = "<|endoftext|>"
+SPECIAL = {"<start>": "start", "<|startoftext|>": "start", "<end>": "end", "<|endoftext|>": "end", "</s>": "end",
+           "<pad>": "pad"}
+START_TOKEN, END_TOKEN = "<|startoftext|>", "<|endoftext|>"
+SP_SPACE, SP_END = "\u2581", "</s>"  # SentencePiece (T5): a word starts with U+2581; no start token; "</s>" ends
+
+
+def _first(tokens: list[str]) -> int:
+    """The position of a prompt's first word: 1 after CLIP's start token, 0 for SentencePiece (T5) tokens."""
+    return 1 if tokens and tokens[0] == START_TOKEN else 0
 
 
 # ------------------------------------------------------------------------------------------ tokens
@@ -87,7 +94,9 @@ def _normal(text: str) -> str:
 
 
 def words(tokens: list[str]) -> list[tuple[str, list[int]]]:
-    """Group a prompt's tokens (start token first) into words: ``[(word, token positions)]``.
+    """Group a prompt's tokens into words: ``[(word, token positions)]``. CLIP's tokens (start token first,
+    ``</w>`` ending a word) and SentencePiece tokens (T5, the text of PixArt and Flux: ``\u2581`` starting a
+    word, no start token, ``</s>`` at the end).
 
     Words are decoded text: a CLIP token is a string of byte-level BPE characters (``'cafÃ©</w>'``),
     whose UTF-8 bytes are decoded here (``'café'``), so words with non-ASCII letters are found.
@@ -97,7 +106,11 @@ def words(tokens: list[str]) -> list[tuple[str, list[int]]]:
         [('a', [1]), ('red', [2]), ('star', [3, 4])]
         >>> words(['<|startoftext|>', 'a</w>', 'æĺ', 'Ł</w>', 'cafÃ©</w>', '<|endoftext|>'])
         [('a', [1]), ('星', [2, 3]), ('café', [4])]
+        >>> words(['\u2581A', '\u2581red', '\u2581st', 'ar', ',', '\u2581', 'B', 'ig', '</s>', '<pad>'])
+        [('A', [0]), ('red', [1]), ('star', [2, 3]), (',', [4]), ('Big', [5, 6, 7])]
     """
+    if not _first(tokens):
+        return _sentencepiece_words(tokens)
     out: list[tuple[str, list[int]]] = []
     current, pos = "", []
     for i, tok in enumerate(tokens[1:], start=1):
@@ -110,6 +123,27 @@ def words(tokens: list[str]) -> list[tuple[str, list[int]]]:
             current, pos = "", []
     if pos:
         out.append((decode_word(current), pos))
+    return out
+
+
+def _punctuation(piece: str) -> bool:
+    return bool(piece) and all(not c.isalnum() for c in piece)
+
+
+def _sentencepiece_words(tokens: list[str]) -> list[tuple[str, list[int]]]:
+    out: list[tuple[str, list[int]]] = []
+    current, pos = "", []
+    for i, tok in enumerate(tokens):
+        if tok in (SP_END, "<pad>"):
+            break
+        piece = tok[1:] if tok.startswith(SP_SPACE) else tok
+        if (tok.startswith(SP_SPACE) or _punctuation(piece)) and pos and current:
+            out.append((current, pos))  # a new word, or punctuation (its own word, as CLIP splits it)
+            current, pos = "", []
+        current += piece
+        pos.append(i)
+    if pos:
+        out.append((current, pos))
     return out
 
 
@@ -129,13 +163,17 @@ def token_indices(tokens: list[str], word: str | int, prompt: int = 0, occurrenc
         raise AttnlensError(f"word must be a word or phrase of the prompt (str), '<start>', '<end>', '<pad>' or a "
                             f"token index (int), not {type(word).__name__} {word!r}")
     ws = words(tokens)
-    end = 1 + sum(len(p) for _, p in ws)
+    first = _first(tokens)
+    end = first + sum(len(p) for _, p in ws)
     if isinstance(word, (int, np.integer)):
         if not 0 <= word < len(tokens):
             raise AttnlensError(f"token index {word} out of range 0..{len(tokens) - 1}")
         return [int(word)]
     special = SPECIAL.get(word.strip().lower())
     if special == "start":
+        if not first:
+            raise AttnlensError(f"prompt {prompt} has no start token (a SentencePiece/T5 tokenizer); valid: its words, "
+                                "'<end>', '<pad>' or a token index")
         return [0]
     if special == "end":
         return [end]
@@ -146,7 +184,7 @@ def token_indices(tokens: list[str], word: str | int, prompt: int = 0, occurrenc
         raise AttnlensError(f"word {word!r} is empty; give a word or phrase of prompt {prompt}, '<start>', '<end>', "
                             "'<pad>' or a token index")
     have = [w for w, _ in ws]
-    low = [_normal(w) for w in have]
+    low = [_normal(w) for w in have]  # CLIP lower-cases its tokens; T5 keeps the case
     found = [i for i in range(len(low) - len(want) + 1) if low[i : i + len(want)] == want]
     if len(found) <= occurrence:
         raise AttnlensError(

@@ -58,9 +58,10 @@ def test_sdxl_names_carry_the_transformer_index():
     assert Counter(i.resolution[0] for i in selfs) == {64: 10, 32: 60}
 
 
-def test_non_unet_denoisers_are_refused_by_name():
+def test_unsupported_denoisers_are_refused_by_name():
     fake = types.SimpleNamespace(transformer=torch.nn.Linear(1, 1))
-    with pytest.raises(AttnlensError, match="UNet2DConditionModel.*SD3, Flux, PixArt"):
+    with pytest.raises(AttnlensError, match="denoiser Linear.*UNet2DConditionModel.*PixArtTransformer2DModel"
+                                            ".*SD3Transformer2DModel.*FluxTransformer2DModel"):
         layers(fake)
 
 
