@@ -77,7 +77,8 @@ class StepClock:
             raise AttnlensError(f"timestep {t} is not in the scheduler's schedule; attnlens follows the pipeline's loop")
         later = [i for i in hits if i >= self.step]
         step = later[0] if later else hits[0]
-        if step < self.step:
+        previous = self.step
+        if step < previous:
             self.run += 1
         self.step = step
         self.cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
@@ -87,9 +88,21 @@ class StepClock:
             if first:
                 sub.run = self.run
             elif sub.run != self.run:
-                raise AttnlensError("a capture context records one pipeline call: open a new `capture(...)` for each run")
+                raise AttnlensError(_backwards_message(previous, step, self.n_steps))
             if sub.listener is not None:
                 sub.listener(first, sample.shape[0])
+
+
+def _backwards_message(previous: int, step: int, n_steps: int) -> str:
+    """Why a context cannot follow a UNet call at an earlier step than the last one."""
+    return (
+        f"the UNet was called at step {step} of {n_steps} right after step {previous}: a capture or control context "
+        "follows one pass of a pipeline's denoising loop, whose steps only go forward, and this call starts another "
+        "pass. Either a second pipeline call ran inside the context (open a new `capture(...)`/`control(...)` for "
+        "each call), or a loop walks the schedule backwards, as DDIM inversion (`attnlens.invert`) does, one UNet "
+        "call per step from the image to the noise, which no context can follow. To record the maps of a real "
+        "image, capture during the edit that follows its inversion: `edit_image(pipe, image, ..., capture=True)`."
+    )
 
 
 _CLOCKS: "weakref.WeakKeyDictionary[Any, StepClock]" = weakref.WeakKeyDictionary()
