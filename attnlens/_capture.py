@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from ._cache import AttentionCache
 from ._errors import AttnlensError
-from ._hooks import StepClock, attach, attention_probs
+from . import _hooks
+from ._hooks import StepClock, attach, attention_probs, chunk_queries
 from ._layers import LayerInfo, layers as list_layers
 from ._select import Selector
 
@@ -31,8 +32,26 @@ def _as_index(rows: list[int]) -> list[int] | slice:
     return rows
 
 
+def _pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """``(n_out, n_in)``: adaptive average pooling of a length-``n_in`` axis to ``n_out`` bins as a matrix (bin ``i``
+    averages inputs ``floor(i * n_in / n_out)`` to ``ceil((i + 1) * n_in / n_out)``, as ``adaptive_avg_pool2d``)."""
+    m = torch.zeros(n_out, n_in)
+    for i in range(n_out):
+        a, b = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        m[i, a:b] = 1.0 / (b - a)
+    return m
+
+
 class _Recorder:
-    """The capture hook: stores maps of the selected items, steps and heads."""
+    """The capture hook: stores maps of the selected items, steps and heads.
+
+    Memory: a layer's map is computed in query chunks (:func:`~attnlens._hooks.attention_probs`) and each
+    chunk is reduced (head mean, key pooling, query pooling) and written straight into its destination:
+    the stored map (storage dtype, on CPU) or the fp32 running sum of ``reduce``. With ``store_resolution``
+    the query grid is pooled by output rows: a group of pooled rows is accumulated in fp32 from the chunks
+    that cover it, then written. No full-size map of a layer is ever built. :meth:`memory` is the bound the
+    budget checks: what is kept plus the largest working set of one layer call.
+    """
 
     def __init__(self, selector: Selector, cache: AttentionCache, store_dtype: torch.dtype, reduce: str | None,
                  resolution: int | None,
@@ -43,19 +62,23 @@ class _Recorder:
         self.chosen = chosen
         self.steps: set[int] = set()
         self.rows: list = []
+        self.batch = 0
 
     def start(self, first: bool, batch: int) -> None:
         if not first:
             return
         self.steps = self.sel.step_indices(self.clock.n_steps)
         self.rows = self.sel.batch_items(batch, self.clock.cfg)
+        self.batch = batch
         self.cache._begin(self.rows, sorted(self.steps), self.clock.latent_hw)
-        estimate = sum(self._bytes(info) for info in self.chosen)
-        if estimate > self.budget:
+        kept, work = self.memory()
+        if kept + work > self.budget:
             raise AttnlensError(
-                f"capturing this selection would store about {estimate / 2**20:,.0f} MiB, over the budget of "
-                f"{self.budget / 2**20:,.0f} MiB. Reduce it: fewer layers or steps, reduce='mean' (one map per layer), "
-                f"resolution=16 (downsample maps), heads='mean', or raise budget=..."
+                f"capturing this selection needs about {(kept + work) / 2**20:,.0f} MiB ({kept / 2**20:,.0f} MiB of "
+                f"stored maps{' (fp32 running sums)' if self.reduce else ''}, {work / 2**20:,.0f} MiB of working "
+                f"memory for the largest layer), over the budget of {self.budget / 2**20:,.0f} MiB. Reduce it: fewer "
+                "layers (layers=..., kind=...) or steps (steps=...), reduce='mean' (one map per layer), "
+                "store_resolution=16 (downsample the stored maps), heads='mean', or raise budget=..."
             )
 
     def _grid(self, info: LayerInfo) -> tuple[int, int]:
@@ -64,12 +87,40 @@ class _Recorder:
             return (max(1, h * self.resolution // max(h, w)), max(1, w * self.resolution // max(h, w)))
         return (h, w)
 
-    def _bytes(self, info: LayerInfo) -> int:
-        h, w = self._grid(info)
+    def _shape(self, info: LayerInfo) -> tuple[int, int, int, int, int]:
+        """``(items, heads, queries, stored keys, computed keys)`` of one stored map of a layer."""
+        h, w = info.grid(self.clock.latent_hw)
+        gh, gw = self._grid(info)
         keys = 77 if info.kind == "cross" else h * w
+        stored_keys = keys if info.kind == "cross" else gh * gw
         heads = 1 if self.sel.heads == "mean" else len(self.sel.head_indices(info.heads))
-        n_maps = 1 if self.reduce else len(self.steps)
-        return n_maps * len(self.rows) * heads * h * w * keys * torch.finfo(self.dtype).bits // 8
+        return len(self.rows), heads, gh * gw, stored_keys, keys
+
+    def memory(self) -> tuple[int, int]:
+        """``(kept, working)`` bytes: the stored maps (or fp32 running sums) of every selected layer, and the largest
+        working set of one layer call (fp32 chunks of scores and their reductions, the pooled-row buffer, the query
+        chunk in fp32 and the keys in fp32), which is freed before the next layer."""
+        kept = work = 0
+        cfg_items = self.batch
+        for info in self.chosen:
+            n, hd, queries, skeys, keys = self._shape(info)
+            maps = 1 if self.reduce else len(self.steps)
+            size = 4 if self.reduce else torch.finfo(self.dtype).bits // 8
+            kept += maps * n * hd * queries * skeys * size
+            # worst case: a map edit in force, so every row and head is computed
+            h, w = info.grid(self.clock.latent_hw)
+            rows, heads = max(cfg_items, n), info.heads
+            per = chunk_queries(rows, heads, keys)
+            chunk = min(per, h * w) * rows * heads * keys * 4
+            gh, gw = self._grid(info)
+            group = 0
+            if (gh, gw) != (h, w):
+                group_rows = max(1, _hooks._CHUNK_ELEMENTS // max(1, n * hd * gw * skeys))
+                group = min(group_rows, gh) * gw * n * hd * skeys * 4  # the fp32 buffer of a group of pooled rows
+            # the selected q and k, k in fp32, one query chunk in fp32 (at most 4 bytes an element each)
+            qk = rows * heads * (h * w + 2 * keys + min(per, h * w)) * info.head_dim * 4
+            work = max(work, 3 * chunk + group + qk)
+        return kept, work
 
     def on_attention(self, info: LayerInfo, q, k, v, scale: float, edits: list | tuple = ()) -> None:
         if info.name not in self.cache.layers or self.clock.step not in self.steps:
@@ -84,27 +135,56 @@ class _Recorder:
         if h * w != q.shape[2]:
             raise AttnlensError(f"layer {info.name}: {q.shape[2]} queries do not form the expected {h}x{w} grid")
         gh, gw = self._grid(info)
-        pooled_keys = info.kind == "self" and (gh, gw) != (h, w)
-        parts = []
-        for start, probs in attention_probs(q, k, scale):
+        pooled = (gh, gw) != (h, w)
+        n, hd = len(self.rows), 1 if heads is None else len(heads)
+        keys = gh * gw if info.kind == "self" and pooled else k.shape[2]
+
+        def reduced(start: int, probs: torch.Tensor) -> torch.Tensor:
+            """One fp32 chunk of the map, edited, selected and pooled over keys: ``(n, hd, chunk, keys)``."""
             if edits:
                 for fn in edits:
                     probs = fn(start, probs)
                 probs = probs[rows] if heads is None else probs[rows][:, heads]
             if heads is None:
                 probs = probs.mean(dim=1, keepdim=True)
-            if pooled_keys:  # self-attention keys are positions too: pool their mass (rows keep summing to 1)
-                n, hd, c, _ = probs.shape
-                pooled = F.adaptive_avg_pool2d(probs.reshape(n * hd * c, 1, h, w), (gh, gw)) * (h * w / (gh * gw))
-                probs = pooled.reshape(n, hd, c, gh * gw)
-            parts.append(probs)
-        maps = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # (n, heads, h*w, keys)
-        n, hd, _, keys = maps.shape
-        maps = maps.reshape(n, hd, h, w, keys)
-        if (gh, gw) != (h, w):
-            x = maps.permute(0, 1, 4, 2, 3).reshape(n * hd * keys, 1, h, w)
-            maps = F.adaptive_avg_pool2d(x, (gh, gw)).reshape(n, hd, keys, gh, gw).permute(0, 1, 3, 4, 2)
-        self.cache._add(info.name, self.clock.step, maps, self.reduce, self.dtype)
+            if info.kind == "self" and pooled:  # keys are positions too: pool their mass (rows keep summing to 1)
+                b, hh, c, _ = probs.shape
+                probs = F.adaptive_avg_pool2d(probs.reshape(b * hh * c, 1, h, w), (gh, gw)) * (h * w / (gh * gw))
+                probs = probs.reshape(b, hh, c, gh * gw)
+            return probs
+
+        dest = self.cache._slot(info.name, self.clock.step, (n, hd, gh * gw, keys), self.reduce, self.dtype)
+        put = self._put_sum if self.reduce else self._put
+        if not pooled:
+            for start, probs in attention_probs(q, k, scale):
+                put(dest, start, reduced(start, probs))
+                del probs
+        else:
+            ph, pw = _pool_matrix(h, gh).to(q.device), _pool_matrix(w, gw).to(q.device)
+            group = max(1, _hooks._CHUNK_ELEMENTS // max(1, n * hd * gw * keys))
+            for i0 in range(0, gh, group):  # pooled rows i0..i1 come from input rows a..b
+                i1 = min(gh, i0 + group)
+                a, b = (i0 * h) // gh, -((-i1 * h) // gh)
+                buf = torch.zeros(n * hd, (i1 - i0) * gw, keys, device=q.device)
+                for start, probs in attention_probs(q, k, scale, start=a * w, stop=b * w):
+                    part = reduced(start, probs)
+                    del probs
+                    c = part.shape[2]
+                    pos = torch.arange(start, start + c, device=q.device)
+                    weight = (ph[i0:i1, pos // w][:, None, :] * pw[:, pos % w][None, :, :]).reshape(-1, c)
+                    buf.baddbmm_(weight.expand(n * hd, -1, -1), part.reshape(n * hd, c, keys))
+                    del part
+                put(dest, i0 * gw, buf.view(n, hd, -1, keys))
+                del buf
+        self.cache._store(info.name, self.clock.step, dest, self.reduce, (gh, gw))
+
+    @staticmethod
+    def _put(dest: torch.Tensor, start: int, part: torch.Tensor) -> None:
+        dest[:, :, start : start + part.shape[2]].copy_(part)
+
+    @staticmethod
+    def _put_sum(dest: torch.Tensor, start: int, part: torch.Tensor) -> None:
+        dest[:, :, start : start + part.shape[2]] += part.to(dest.device)
 
 
 @contextlib.contextmanager
