@@ -217,7 +217,9 @@ def capture(
         reduce: ``None`` (one map per step), ``"mean"`` or ``"sum"`` over the selected steps.
         store_resolution: downsample each map's query grid (and a self-attention map's key grid) so
             its longer side is at most this.
-        budget: bytes the stored maps may take; checked before the first attention layer runs.
+        budget: bytes the capture may hold at its peak: the stored maps (fp32 running sums with ``reduce``) plus
+            the largest layer's working set (chunks of at most 64 MiB of fp32 scores); checked before the first
+            attention layer runs.
 
     Yields:
         an :class:`AttentionCache`, filled during the call. Maps have shape
