@@ -116,7 +116,8 @@ class _Recorder:
             group = 0
             if (gh, gw) != (h, w):
                 group_rows = max(1, _hooks._CHUNK_ELEMENTS // max(1, n * hd * gw * skeys))
-                group = min(group_rows, gh) * gw * n * hd * skeys * 4  # the fp32 buffer of a group of pooled rows
+                # the fp32 buffer of a group of pooled rows, and one chunk's contribution to it
+                group = 2 * min(group_rows, gh) * gw * n * hd * skeys * 4
             # the selected q and k, k in fp32, one query chunk in fp32 (at most 4 bytes an element each)
             qk = rows * heads * (h * w + 2 * keys + min(per, h * w)) * info.head_dim * 4
             work = max(work, 3 * chunk + group + qk)
@@ -161,18 +162,22 @@ class _Recorder:
                 del probs
         else:
             ph, pw = _pool_matrix(h, gh).to(q.device), _pool_matrix(w, gw).to(q.device)
+            first = [(i * h) // gh for i in range(gh)]  # input rows first[i] .. last[i] - 1 pool into row i
+            last = [-((-(i + 1) * h) // gh) for i in range(gh)]
             group = max(1, _hooks._CHUNK_ELEMENTS // max(1, n * hd * gw * keys))
-            for i0 in range(0, gh, group):  # pooled rows i0..i1 come from input rows a..b
+            for i0 in range(0, gh, group):  # pooled rows i0..i1-1 come from input rows first[i0]..last[i1-1]-1
                 i1 = min(gh, i0 + group)
-                a, b = (i0 * h) // gh, -((-i1 * h) // gh)
                 buf = torch.zeros(n * hd, (i1 - i0) * gw, keys, device=q.device)
-                for start, probs in attention_probs(q, k, scale, start=a * w, stop=b * w):
+                for start, probs in attention_probs(q, k, scale, start=first[i0] * w, stop=last[i1 - 1] * w):
                     part = reduced(start, probs)
                     del probs
                     c = part.shape[2]
+                    r0, r1 = start // w, (start + c - 1) // w  # the input rows of this chunk
+                    lo = next(i for i in range(i0, i1) if last[i] > r0)  # the pooled rows they reach
+                    hi = max(i for i in range(lo, i1) if first[i] <= r1) + 1
                     pos = torch.arange(start, start + c, device=q.device)
-                    weight = (ph[i0:i1, pos // w][:, None, :] * pw[:, pos % w][None, :, :]).reshape(-1, c)
-                    buf.baddbmm_(weight.expand(n * hd, -1, -1), part.reshape(n * hd, c, keys))
+                    weight = (ph[lo:hi, pos // w][:, None, :] * pw[:, pos % w][None, :, :]).reshape(-1, c)
+                    buf[:, (lo - i0) * gw : (hi - i0) * gw] += weight @ part.reshape(n * hd, c, keys)
                     del part
                 put(dest, i0 * gw, buf.view(n, hd, -1, keys))
                 del buf
