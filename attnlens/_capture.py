@@ -23,6 +23,7 @@ from ._layers import LayerInfo, layers as list_layers
 from ._select import Selector
 
 DEFAULT_BUDGET = 4 << 30
+_MIN_CHUNK = 1 << 14  # the smallest chunk (fp32 scores) a tight budget shrinks the chunks to: 64 KiB
 
 
 def _as_index(rows: list[int]) -> list[int] | slice:
@@ -50,7 +51,8 @@ class _Recorder:
     the stored map (storage dtype, on CPU) or the fp32 running sum of ``reduce``. With ``store_resolution``
     the query grid is pooled by output rows: a group of pooled rows is accumulated in fp32 from the chunks
     that cover it, then written. No full-size map of a layer is ever built. :meth:`memory` is the bound the
-    budget checks: what is kept plus the largest working set of one layer call.
+    budget checks: what is kept plus the largest working set of one layer call; when that is over the budget,
+    the chunks shrink (down to 64 KiB of scores) until it fits, and only then is the budget an error.
     """
 
     def __init__(self, selector: Selector, cache: AttentionCache, store_dtype: torch.dtype, reduce: str | None,
@@ -63,6 +65,7 @@ class _Recorder:
         self.steps: set[int] = set()
         self.rows: list = []
         self.batch = 0
+        self.chunk: int | None = None  # fp32 scores per chunk (None: the default, 64 MiB)
 
     def start(self, first: bool, batch: int) -> None:
         if not first:
@@ -72,6 +75,11 @@ class _Recorder:
         self.batch = batch
         self.cache._begin(self.rows, sorted(self.steps), self.clock.latent_hw)
         kept, work = self.memory()
+        chunk = _hooks._CHUNK_ELEMENTS
+        while kept + work > self.budget and chunk > _MIN_CHUNK:  # smaller chunks: less working memory, more steps
+            chunk //= 2
+            kept, work = self.memory(chunk)
+        self.chunk = chunk if chunk != _hooks._CHUNK_ELEMENTS else None
         if kept + work > self.budget:
             raise AttnlensError(
                 f"capturing this selection needs about {(kept + work) / 2**20:,.0f} MiB ({kept / 2**20:,.0f} MiB of "
@@ -96,10 +104,13 @@ class _Recorder:
         heads = 1 if self.sel.heads == "mean" else len(self.sel.head_indices(info.heads))
         return len(self.rows), heads, gh * gw, stored_keys, keys
 
-    def memory(self) -> tuple[int, int]:
+    def memory(self, chunk_elements: int | None = None) -> tuple[int, int]:
         """``(kept, working)`` bytes: the stored maps (or fp32 running sums) of every selected layer, and the largest
         working set of one layer call (fp32 chunks of scores and their reductions, the pooled-row buffer, the query
-        chunk in fp32 and the keys in fp32), which is freed before the next layer."""
+        chunk in fp32 and the keys in fp32), which is freed before the next layer. ``chunk_elements``: fp32 scores
+        per chunk (default: the chunk size in force)."""
+        if chunk_elements is None:
+            chunk_elements = self.chunk or _hooks._CHUNK_ELEMENTS
         kept = work = 0
         cfg_items = self.batch
         for info in self.chosen:
@@ -110,12 +121,12 @@ class _Recorder:
             # worst case: a map edit in force, so every row and head is computed
             h, w = info.grid(self.clock.latent_hw)
             rows, heads = max(cfg_items, n), info.heads
-            per = chunk_queries(rows, heads, keys)
+            per = chunk_queries(rows, heads, keys, chunk_elements)
             chunk = min(per, h * w) * rows * heads * keys * 4
             gh, gw = self._grid(info)
             group = 0
             if (gh, gw) != (h, w):
-                group_rows = max(1, _hooks._CHUNK_ELEMENTS // max(1, n * hd * gw * skeys))
+                group_rows = max(1, chunk_elements // max(1, n * hd * gw * skeys))
                 # the fp32 buffer of a group of pooled rows, and one chunk's contribution to it
                 group = 2 * min(group_rows, gh) * gw * n * hd * skeys * 4
             # the selected q and k, k in fp32, one query chunk in fp32 (at most 4 bytes an element each)
@@ -157,18 +168,19 @@ class _Recorder:
         dest = self.cache._slot(info.name, self.clock.step, (n, hd, gh * gw, keys), self.reduce, self.dtype)
         put = self._put_sum if self.reduce else self._put
         if not pooled:
-            for start, probs in attention_probs(q, k, scale):
+            for start, probs in attention_probs(q, k, scale, self.chunk):
                 put(dest, start, reduced(start, probs))
                 del probs
         else:
             ph, pw = _pool_matrix(h, gh).to(q.device), _pool_matrix(w, gw).to(q.device)
             first = [(i * h) // gh for i in range(gh)]  # input rows first[i] .. last[i] - 1 pool into row i
             last = [-((-(i + 1) * h) // gh) for i in range(gh)]
-            group = max(1, _hooks._CHUNK_ELEMENTS // max(1, n * hd * gw * keys))
+            group = max(1, (self.chunk or _hooks._CHUNK_ELEMENTS) // max(1, n * hd * gw * keys))
             for i0 in range(0, gh, group):  # pooled rows i0..i1-1 come from input rows first[i0]..last[i1-1]-1
                 i1 = min(gh, i0 + group)
                 buf = torch.zeros(n * hd, (i1 - i0) * gw, keys, device=q.device)
-                for start, probs in attention_probs(q, k, scale, start=first[i0] * w, stop=last[i1 - 1] * w):
+                for start, probs in attention_probs(q, k, scale, self.chunk, start=first[i0] * w,
+                                                   stop=last[i1 - 1] * w):
                     part = reduced(start, probs)
                     del probs
                     c = part.shape[2]
@@ -223,8 +235,8 @@ def capture(
         store_resolution: downsample each map's query grid (and a self-attention map's key grid) so
             its longer side is at most this.
         budget: bytes the capture may hold at its peak: the stored maps (fp32 running sums with ``reduce``) plus
-            the largest layer's working set (chunks of at most 64 MiB of fp32 scores); checked before the first
-            attention layer runs.
+            the largest layer's working set (chunks of at most 64 MiB of fp32 scores, smaller where the budget
+            needs it); checked before the first attention layer runs.
 
     Yields:
         an :class:`AttentionCache`, filled during the call. Maps have shape

@@ -40,10 +40,9 @@ def _kept(cache) -> int:
 
 
 @pytest.fixture
-def measured(monkeypatch):
+def measure(monkeypatch):
     """Patch the hook to measure; collects the peak, the recorder and the largest working set of one call (what it
     held at most, less what it keeps)."""
-    monkeypatch.setattr(_hooks, "_CHUNK_ELEMENTS", 512)
     out = {"peak": 0, "call": 0, "recorder": None}
     original = _capture._Recorder.on_attention
 
@@ -56,6 +55,13 @@ def measured(monkeypatch):
 
     monkeypatch.setattr(_capture._Recorder, "on_attention", on_attention)
     return out
+
+
+@pytest.fixture
+def measured(monkeypatch, measure):
+    """:func:`measure` with chunks of 512 scores."""
+    monkeypatch.setattr(_hooks, "_CHUNK_ELEMENTS", 512)
+    return measure
 
 
 CASES = [
@@ -84,6 +90,24 @@ def test_the_budget_bounds_the_measured_peak(pipe, measured, kwargs):
 
     full = max(full_map(info) for info in rec.chosen)
     assert measured["call"] < full
+
+
+def test_a_tight_budget_shrinks_the_chunks_and_still_bounds_the_peak(pipe, monkeypatch, measure):
+    monkeypatch.setattr(_capture, "_MIN_CHUNK", 256)
+    kwargs = dict(kind="self", heads="all", branch="both")
+    with capture(pipe, **kwargs):
+        run(pipe)
+    rec = measure["recorder"]
+    kept, work = rec.memory()
+    small = rec.memory(256)[1]
+    assert rec.chunk is None and small < work  # the default chunks hold a whole layer here; 256-score chunks less
+    measure["peak"] = 0
+    with capture(pipe, budget=kept + small, **kwargs):
+        run(pipe)
+    assert measure["recorder"].chunk is not None and measure["peak"] <= kept + small
+    with pytest.raises(AttnlensError, match="over the budget"):  # below what is kept, no chunk size helps
+        with capture(pipe, budget=kept - 1, **kwargs):
+            run(pipe)
 
 
 def test_reduce_counts_fp32_sums_in_the_budget(pipe):
