@@ -92,6 +92,20 @@ def test_the_budget_bounds_the_measured_peak(pipe, measured, kwargs):
     assert measured["call"] < full
 
 
+@pytest.mark.parametrize("method", ["cross", "p2p"])
+def test_the_budget_bounds_the_peak_inside_an_edit_with_map_edits(pipe, measured, method):
+    """With map edits in force every row and head is computed (edits mix rows): still within the estimate."""
+    from attnlens import edit
+
+    options = {"self_max_resolution": 8} if method == "p2p" else {}  # p2p also copies self-attention maps
+    r = edit(pipe, "a red star", "a blue star", method=method, num_inference_steps=STEPS,
+             capture=dict(heads="all", prompts=[0, 1], layers="*"), **options)
+    rec = measured["recorder"]
+    kept, work = rec.memory()
+    assert r.cache is rec.cache and kept == _kept(r.cache)
+    assert 0 < measured["peak"] <= kept + work and measured["call"] <= work
+
+
 def test_a_tight_budget_shrinks_the_chunks_and_still_bounds_the_peak(pipe, monkeypatch, measure):
     monkeypatch.setattr(_capture, "_MIN_CHUNK", 256)
     kwargs = dict(kind="self", heads="all", branch="both")
