@@ -27,6 +27,7 @@ Imports the mechanism (``_control``, ``_select``, ``_layers``, ``_prompts``); im
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,7 +115,9 @@ class MasaCtrlOptions:
     """``masactrl``: mutual self-attention (Cao et al. 2023).
 
     Args:
-        start_step: first edited step, as a fraction of the schedule (4 of 50 in the reference code: 0.08).
+        start_step: first edited step, as a fraction of the schedule (4 of 50 in the reference code: 0.08), rounded
+            up: steps ``i >= ceil(start_step * n)`` are edited, so at least the reference's share of the first steps
+            keeps its own attention (step 1 of 12, 2 of 20); see :class:`InjectKV`.
         min_resolution: decoder self-attention layers whose query grid side is at least this (default: half the
             side of the finest attention level, i.e. the decoder's two upper attention levels: the reference's
             "from the 10th layer" on SD 1.5).
@@ -235,7 +238,7 @@ def _selectors(method: str, opts: Any, table: Any, hw: tuple[int, int], lim: dic
     if method == "masactrl":
         limit = lim["min_resolution"]
         return [("kv", Selector(kind="self", layers=lambda i: i.name.startswith("up.") and res(i) >= limit,
-                                steps=(float(opts.start_step), 1.0), branch=opts.branch))]
+                                branch=opts.branch))]
     if method in ("p2p", "cross"):
         spec = _fraction_steps(opts.cross_replace_steps)
         # a fraction window is counted by the controller (P2P's n + 1 table), other specs by the selector
@@ -301,7 +304,7 @@ def plan(pipe: Any, method: str, options: Any, source: str, target: str, latent_
         if tag == "fpe":
             ctrls.append(InjectQK(sel) if opts.path == "fused" else CopyMap(sel))
         elif tag == "kv":
-            ctrls.append(InjectKV(sel))
+            ctrls.append(InjectKV(sel, start=float(opts.start_step)))
         elif tag == "copy":
             ctrls.append(CopyMap(sel))
         else:
@@ -412,9 +415,27 @@ class CopyMap(Controller):
 
 
 class InjectKV(_InjectRows):
-    """MasaCtrl's mutual self-attention: target queries attend to the source's keys and values."""
+    """MasaCtrl's mutual self-attention: target queries attend to the source's keys and values.
+
+    ``start`` (optional): the first edited step as a fraction of the schedule, rounded up (``ceil(start * n)``:
+    the reference code's integer ``start_step``, 4 of 50, as a share that skips at least as many steps);
+    ``None``: the selector's steps.
+    """
 
     parts = (1, 2)
+
+    def __init__(self, selector: Selector | None = None, start: float | None = None) -> None:
+        super().__init__(selector)
+        self.start = start
+
+    def _step_indices(self, n_steps: int) -> set[int]:
+        steps = self.selector.step_indices(n_steps)
+        if self.start is None:
+            return steps
+        if not 0.0 <= self.start <= 1.0:
+            raise AttnlensError(f"start_step must be a fraction of the schedule in [0, 1], not {self.start!r}")
+        first = math.ceil(round(self.start * n_steps, 9))  # 0.08 * 75 is 6.000000000000001 in floats: step 6
+        return {i for i in steps if i >= first}
 
 
 class CrossMapEdit(Controller):

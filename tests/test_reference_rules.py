@@ -54,6 +54,15 @@ def test_step_windows_count_as_the_reference_codes(pipe, n):
     assert len(ref_self_steps(12, 0.8)) == 9 and len(ref_self_steps(12, 0.4)) == 4
 
 
+@pytest.mark.parametrize("n", [1, 2, 5, 12, 20, 25, 50, 75, 100])
+def test_masactrl_skips_at_least_the_references_share_of_first_steps(pipe, n):
+    """MasaCtrl's reference starts at integer step 4 of 50; as a share, the start is rounded up (unchanged)."""
+    ctrl = plan(pipe, "masactrl", {}, "a red star", "a blue star", (8, 8)).controllers[0]
+    first = -(-4 * n // 50)  # ceil(4n / 50) in integers
+    assert ctrl._step_indices(n) == set(range(first, n))
+    assert (n != 50) or first == 4
+
+
 def test_fpe_edits_int_08n_steps_end_to_end(pipe):
     """At 6 steps FPE edits int(0.8 * 6) = 4 steps (0..3), not ceil(4.8) = 5: the target's map equals the
     source's exactly on those steps."""
