@@ -82,16 +82,26 @@ class AttentionCache:
                 stacklevel=2,
             )
 
-    def _add(self, layer: str, step: int, maps: torch.Tensor, reduce: str | None, dtype: torch.dtype) -> None:
-        maps = maps.detach()
+    def _slot(self, layer: str, step: int, shape: tuple[int, int, int, int], reduce: str | None,
+              dtype: torch.dtype) -> torch.Tensor:
+        """Where capture writes one map, ``(items, heads, queries, keys)`` on CPU: a new tensor of ``dtype``, or with
+        ``reduce`` the layer's fp32 running sum (zeros at first), to which the map is added in place."""
         if reduce is None:
-            self.maps[(layer, step)] = maps.to("cpu", dtype)
+            return torch.empty(shape, dtype=dtype)
+        acc = self.maps.get((layer, None))
+        if acc is None:
+            return torch.zeros(shape, dtype=torch.float32)
+        return acc.view(shape)
+
+    def _store(self, layer: str, step: int, slot: torch.Tensor, reduce: str | None, grid: tuple[int, int]) -> None:
+        """Keep a map written into its :meth:`_slot` (``grid``: its query grid ``(h, w)``)."""
+        n, hd, _, keys = slot.shape
+        maps = slot.view(n, hd, grid[0], grid[1], keys)
+        if reduce is None:
+            self.maps[(layer, step)] = maps
             return
-        key = (layer, None)
-        acc = self.maps.get(key)
-        acc = maps.float().cpu() if acc is None else acc.float() + maps.float().cpu()
+        self.maps[(layer, None)] = maps  # a running sum; divided by the count on read for reduce="mean"
         self._counts[layer] = self._counts.get(layer, 0) + 1
-        self.maps[key] = acc  # a running sum; divided by the count on read for reduce="mean"
         self._reduce = reduce
 
     # ----------------------------------------------------------------- access

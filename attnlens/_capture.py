@@ -19,11 +19,13 @@ import torch.nn.functional as F
 from ._cache import AttentionCache
 from ._dit import text_side
 from ._errors import AttnlensError
-from ._hooks import StepClock, attach, attention_probs
+from . import _hooks
+from ._hooks import StepClock, attach, attention_probs, chunk_queries
 from ._layers import LayerInfo, layers as list_layers
 from ._select import Selector
 
 DEFAULT_BUDGET = 4 << 30
+_MIN_CHUNK = 1 << 14  # the smallest chunk (fp32 scores) a tight budget shrinks the chunks to: 64 KiB
 
 
 def _as_index(rows: list[int]) -> list[int] | slice:
@@ -33,8 +35,27 @@ def _as_index(rows: list[int]) -> list[int] | slice:
     return rows
 
 
+def _pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """``(n_out, n_in)``: adaptive average pooling of a length-``n_in`` axis to ``n_out`` bins as a matrix (bin ``i``
+    averages inputs ``floor(i * n_in / n_out)`` to ``ceil((i + 1) * n_in / n_out)``, as ``adaptive_avg_pool2d``)."""
+    m = torch.zeros(n_out, n_in)
+    for i in range(n_out):
+        a, b = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        m[i, a:b] = 1.0 / (b - a)
+    return m
+
+
 class _Recorder:
-    """The capture hook: stores maps of the selected items, steps and heads."""
+    """The capture hook: stores maps of the selected items, steps and heads.
+
+    Memory: a layer's map is computed in query chunks (:func:`~attnlens._hooks.attention_probs`) and each
+    chunk is reduced (head mean, key pooling, query pooling) and written straight into its destination:
+    the stored map (storage dtype, on CPU) or the fp32 running sum of ``reduce``. With ``store_resolution``
+    the query grid is pooled by output rows: a group of pooled rows is accumulated in fp32 from the chunks
+    that cover it, then written. No full-size map of a layer is ever built. :meth:`memory` is the bound the
+    budget checks: what is kept plus the largest working set of one layer call; when that is over the budget,
+    the chunks shrink (down to 64 KiB of scores) until it fits, and only then is the budget an error.
+    """
 
     def __init__(self, selector: Selector, cache: AttentionCache, store_dtype: torch.dtype, reduce: str | None,
                  resolution: int | None,
@@ -45,6 +66,8 @@ class _Recorder:
         self.chosen = chosen
         self.steps: set[int] = set()
         self.rows: list = []
+        self.batch = 0
+        self.chunk: int | None = None  # fp32 scores per chunk (None: the default, 64 MiB)
 
     def start(self, first: bool, batch: int) -> None:
         if not first:
@@ -54,13 +77,21 @@ class _Recorder:
             raise AttnlensError(f"steps={self.sel.steps!r} selects none of this run's {self.clock.n_steps} steps "
                                 f"(0..{self.clock.n_steps - 1}), so nothing would be captured")
         self.rows = self.sel.batch_items(batch, self.clock.cfg)
+        self.batch = batch
         self.cache._begin(self.rows, sorted(self.steps), self.clock.latent_hw)
-        estimate = sum(self._bytes(info) for info in self.chosen)
-        if estimate > self.budget:
+        kept, work = self.memory()
+        chunk = _hooks._CHUNK_ELEMENTS
+        while kept + work > self.budget and chunk > _MIN_CHUNK:  # smaller chunks: less working memory, more steps
+            chunk //= 2
+            kept, work = self.memory(chunk)
+        self.chunk = chunk if chunk != _hooks._CHUNK_ELEMENTS else None
+        if kept + work > self.budget:
             raise AttnlensError(
-                f"capturing this selection would store about {estimate / 2**20:,.0f} MiB, over the budget of "
-                f"{self.budget / 2**20:,.0f} MiB. Reduce it: fewer layers or steps, reduce='mean' (one map per layer), "
-                f"resolution=16 (downsample maps), heads='mean', or raise budget=..."
+                f"capturing this selection needs about {(kept + work) / 2**20:,.0f} MiB ({kept / 2**20:,.0f} MiB of "
+                f"stored maps{' (fp32 running sums)' if self.reduce else ''}, {work / 2**20:,.0f} MiB of working "
+                f"memory for the largest layer), over the budget of {self.budget / 2**20:,.0f} MiB. Reduce it: fewer "
+                "layers (layers=..., kind=...) or steps (steps=...), reduce='mean' (one map per layer), "
+                "store_resolution=16 (downsample the stored maps), heads='mean', or raise budget=..."
             )
 
     def _grid(self, info: LayerInfo) -> tuple[int, int]:
@@ -69,12 +100,47 @@ class _Recorder:
             return (max(1, h * self.resolution // max(h, w)), max(1, w * self.resolution // max(h, w)))
         return (h, w)
 
-    def _bytes(self, info: LayerInfo) -> int:
-        h, w = self._grid(info)
-        keys = (self.clock.text_len or 77) if info.kind == "cross" else h * w
+    def _shape(self, info: LayerInfo) -> tuple[int, int, int, int, int]:
+        """``(items, heads, queries, stored keys, computed keys)`` of one stored map of a layer."""
+        h, w = info.grid(self.clock.latent_hw)
+        gh, gw = self._grid(info)
+        text = self.clock.text_len or 77
+        view = text if info.kind == "cross" else h * w  # the keys of the map this layer's name stands for
+        stored_keys = view if info.kind == "cross" else gh * gw
+        # a joint-attention view is cut from one softmax over the image and text keys together
+        keys = h * w + text if info.stream in ("joint", "single") else view
         heads = 1 if self.sel.heads == "mean" else len(self.sel.head_indices(info.heads))
-        n_maps = 1 if self.reduce else len(self.steps)
-        return n_maps * len(self.rows) * heads * h * w * keys * torch.finfo(self.dtype).bits // 8
+        return len(self.rows), heads, gh * gw, stored_keys, keys
+
+    def memory(self, chunk_elements: int | None = None) -> tuple[int, int]:
+        """``(kept, working)`` bytes: the stored maps (or fp32 running sums) of every selected layer, and the largest
+        working set of one layer call (fp32 chunks of scores and their reductions, the pooled-row buffer, the query
+        chunk in fp32 and the keys in fp32), which is freed before the next layer. ``chunk_elements``: fp32 scores
+        per chunk (default: the chunk size in force)."""
+        if chunk_elements is None:
+            chunk_elements = self.chunk or _hooks._CHUNK_ELEMENTS
+        kept = work = 0
+        cfg_items = self.batch
+        for info in self.chosen:
+            n, hd, queries, skeys, keys = self._shape(info)
+            maps = 1 if self.reduce else len(self.steps)
+            size = 4 if self.reduce else torch.finfo(self.dtype).bits // 8
+            kept += maps * n * hd * queries * skeys * size
+            # worst case: a map edit in force, so every row and head is computed
+            h, w = info.grid(self.clock.latent_hw)
+            rows, heads = max(cfg_items, n), info.heads
+            per = chunk_queries(rows, heads, keys, chunk_elements)
+            chunk = min(per, h * w) * rows * heads * keys * 4
+            gh, gw = self._grid(info)
+            group = 0
+            if (gh, gw) != (h, w):
+                group_rows = max(1, chunk_elements // max(1, n * hd * gw * skeys))
+                # the fp32 buffer of a group of pooled rows, and one chunk's contribution to it
+                group = 2 * min(group_rows, gh) * gw * n * hd * skeys * 4
+            # the selected q and k, k in fp32, one query chunk in fp32 (at most 4 bytes an element each)
+            qk = rows * heads * (h * w + 2 * keys + min(per, h * w)) * info.head_dim * 4
+            work = max(work, 3 * chunk + group + qk)
+        return kept, work
 
     def on_attention(self, info: LayerInfo, q, k, v, scale: float, edits: list | tuple = (),
                      mask: torch.Tensor | None = None, keys: slice | None = None) -> None:
@@ -97,9 +163,13 @@ class _Recorder:
         if h * w != q.shape[2]:
             raise AttnlensError(f"layer {info.name}: {q.shape[2]} queries do not form the expected {h}x{w} grid")
         gh, gw = self._grid(info)
-        pooled_keys = info.kind == "self" and (gh, gw) != (h, w)
-        parts = []
-        for start, probs in attention_probs(q, k, scale, mask=mask):
+        pooled = (gh, gw) != (h, w)
+        n, hd = len(self.rows), 1 if heads is None else len(heads)
+        view = k.shape[2] if keys is None else len(range(*keys.indices(k.shape[2])))
+        nkeys = gh * gw if info.kind == "self" and pooled else view
+
+        def reduced(start: int, probs: torch.Tensor) -> torch.Tensor:
+            """One fp32 chunk of the map, edited, selected and pooled over keys: ``(n, hd, chunk, keys)``."""
             if edits:
                 for fn in edits:
                     probs = fn(start, probs)
@@ -108,18 +178,49 @@ class _Recorder:
                 probs = probs[..., keys]
             if heads is None:
                 probs = probs.mean(dim=1, keepdim=True)
-            if pooled_keys:  # self-attention keys are positions too: pool their mass (rows keep summing to 1)
-                n, hd, c, _ = probs.shape
-                pooled = F.adaptive_avg_pool2d(probs.reshape(n * hd * c, 1, h, w), (gh, gw)) * (h * w / (gh * gw))
-                probs = pooled.reshape(n, hd, c, gh * gw)
-            parts.append(probs)
-        maps = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # (n, heads, h*w, keys)
-        n, hd, _, keys = maps.shape
-        maps = maps.reshape(n, hd, h, w, keys)
-        if (gh, gw) != (h, w):
-            x = maps.permute(0, 1, 4, 2, 3).reshape(n * hd * keys, 1, h, w)
-            maps = F.adaptive_avg_pool2d(x, (gh, gw)).reshape(n, hd, keys, gh, gw).permute(0, 1, 3, 4, 2)
-        self.cache._add(info.name, self.clock.step, maps, self.reduce, self.dtype)
+            if info.kind == "self" and pooled:  # keys are positions too: pool their mass (rows keep summing to 1)
+                b, hh, c, _ = probs.shape
+                probs = F.adaptive_avg_pool2d(probs.reshape(b * hh * c, 1, h, w), (gh, gw)) * (h * w / (gh * gw))
+                probs = probs.reshape(b, hh, c, gh * gw)
+            return probs
+
+        dest = self.cache._slot(info.name, self.clock.step, (n, hd, gh * gw, nkeys), self.reduce, self.dtype)
+        put = self._put_sum if self.reduce else self._put
+        if not pooled:
+            for start, probs in attention_probs(q, k, scale, self.chunk, mask=mask):
+                put(dest, start, reduced(start, probs))
+                del probs
+        else:
+            ph, pw = _pool_matrix(h, gh).to(q.device), _pool_matrix(w, gw).to(q.device)
+            first = [(i * h) // gh for i in range(gh)]  # input rows first[i] .. last[i] - 1 pool into row i
+            last = [-((-(i + 1) * h) // gh) for i in range(gh)]
+            group = max(1, (self.chunk or _hooks._CHUNK_ELEMENTS) // max(1, n * hd * gw * nkeys))
+            for i0 in range(0, gh, group):  # pooled rows i0..i1-1 come from input rows first[i0]..last[i1-1]-1
+                i1 = min(gh, i0 + group)
+                buf = torch.zeros(n * hd, (i1 - i0) * gw, nkeys, device=q.device)
+                for start, probs in attention_probs(q, k, scale, self.chunk, mask=mask, start=first[i0] * w,
+                                                   stop=last[i1 - 1] * w):
+                    part = reduced(start, probs)
+                    del probs
+                    c = part.shape[2]
+                    r0, r1 = start // w, (start + c - 1) // w  # the input rows of this chunk
+                    lo = next(i for i in range(i0, i1) if last[i] > r0)  # the pooled rows they reach
+                    hi = max(i for i in range(lo, i1) if first[i] <= r1) + 1
+                    pos = torch.arange(start, start + c, device=q.device)
+                    weight = (ph[lo:hi, pos // w][:, None, :] * pw[:, pos % w][None, :, :]).reshape(-1, c)
+                    buf[:, (lo - i0) * gw : (hi - i0) * gw] += weight @ part.reshape(n * hd, c, nkeys)
+                    del part
+                put(dest, i0 * gw, buf.view(n, hd, -1, nkeys))
+                del buf
+        self.cache._store(info.name, self.clock.step, dest, self.reduce, (gh, gw))
+
+    @staticmethod
+    def _put(dest: torch.Tensor, start: int, part: torch.Tensor) -> None:
+        dest[:, :, start : start + part.shape[2]].copy_(part)
+
+    @staticmethod
+    def _put_sum(dest: torch.Tensor, start: int, part: torch.Tensor) -> None:
+        dest[:, :, start : start + part.shape[2]] += part.to(dest.device)
 
 
 @contextlib.contextmanager
@@ -154,7 +255,9 @@ def capture(
         reduce: ``None`` (one map per step), ``"mean"`` or ``"sum"`` over the selected steps.
         store_resolution: downsample each map's query grid (and a self-attention map's key grid) so
             its longer side is at most this.
-        budget: bytes the stored maps may take; checked before the first attention layer runs.
+        budget: bytes the capture may hold at its peak: the stored maps (fp32 running sums with ``reduce``) plus
+            the largest layer's working set (chunks of at most 64 MiB of fp32 scores, smaller where the budget
+            needs it); checked before the first attention layer runs.
 
     Yields:
         an :class:`AttentionCache`, filled during the call. Maps have shape

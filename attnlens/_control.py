@@ -89,12 +89,17 @@ class Controller:
         return None
 
     # -- plumbing
+    def _step_indices(self, n_steps: int) -> set[int]:
+        """The steps this controller acts on in a schedule of ``n_steps`` (the selector's, unless a method counts
+        its window differently)."""
+        return self.selector.step_indices(n_steps)
+
     def _site(self, info: LayerInfo, batch: int) -> Site | None:
         clock = self.clock
         if clock is None or clock.step < 0:
             return None
         if self._steps is None:
-            self._steps = self.selector.step_indices(clock.n_steps)
+            self._steps = self._step_indices(clock.n_steps)
         if clock.step not in self._steps:
             return None
         per = batch // 2 if clock.cfg else batch

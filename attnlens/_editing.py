@@ -170,18 +170,24 @@ def _run(pipe: Any, p: EditPlan, source: str, target: str, latents: torch.Tensor
 
 def _local_blend(pipe: Any, stack: contextlib.ExitStack, p: EditPlan, source: str, target: str,
                  steps: int) -> Callable[[int, dict], dict]:
-    """A step-end callback: outside the union of the two words' masks, the target latent := the source's."""
+    """A step-end callback: outside the union of the two words' masks, the target latent := the source's.
+
+    The masks come from the maps summed over every step so far (steps ``0..i`` at step ``i``, blending or
+    not), as the reference notebooks' ``LocalBlend`` reads the ``AttentionStore``'s running sum.
+    """
     opts = p.options
     ws, wt = opts.local_blend
     names = p.blend_layers  # the P2P recipe's layers
     tokens = tokenize(pipe.tokenizer, [source, target])
-    cache = stack.enter_context(_capture(pipe, layers=names, prompts=[0, 1], dtype=torch.float32))
+    # a running sum over steps (fp32), updated as each step's maps are computed: at the step-end callback of
+    # step i it holds steps 0..i
+    cache = stack.enter_context(_capture(pipe, layers=names, prompts=[0, 1], dtype=torch.float32, reduce="sum"))
     start = int(opts.blend_start * steps)
 
     def cb(i: int, kw: dict) -> dict:
         if i < start:
             return {}
-        maps = torch.stack([cache[name, i].mean(dim=1) for name in names]).mean(dim=0)  # (2, h, w, 77)
+        maps = torch.stack([cache[name, None].mean(dim=1) for name in names]).mean(dim=0)  # (2, h, w, 77)
         masks = []
         for prompt, word in ((0, ws), (1, wt)):
             idx = token_indices(tokens[prompt], word, prompt)

@@ -107,7 +107,8 @@ class StepClock:
             raise AttnlensError(f"timestep {t} is not in the scheduler's schedule; attnlens follows the pipeline's loop")
         later = [i for i in hits if i >= self.step]
         step = later[0] if later else hits[0]
-        if step < self.step:
+        previous = self.step
+        if step < previous:
             self.run += 1
         self.repeat = self.repeat + 1 if step == self.step else 0
         self.step = step
@@ -120,9 +121,21 @@ class StepClock:
             if first:
                 sub.run = self.run
             elif sub.run != self.run:
-                raise AttnlensError("a capture context records one pipeline call: open a new `capture(...)` for each run")
+                raise AttnlensError(_backwards_message(previous, step, self.n_steps))
             if sub.listener is not None:
                 sub.listener(first, sample.shape[0])
+
+
+def _backwards_message(previous: int, step: int, n_steps: int) -> str:
+    """Why a context cannot follow a UNet call at an earlier step than the last one."""
+    return (
+        f"the UNet was called at step {step} of {n_steps} right after step {previous}: a capture or control context "
+        "follows one pass of a pipeline's denoising loop, whose steps only go forward, and this call starts another "
+        "pass. Either a second pipeline call ran inside the context (open a new `capture(...)`/`control(...)` for "
+        "each call), or a loop walks the schedule backwards, as DDIM inversion (`attnlens.invert`) does, one UNet "
+        "call per step from the image to the noise, which no context can follow. To record the maps of a real "
+        "image, capture during the edit that follows its inversion: `edit_image(pipe, image, ..., capture=True)`."
+    )
 
 
 _CLOCKS: "weakref.WeakKeyDictionary[Any, StepClock]" = weakref.WeakKeyDictionary()
@@ -295,13 +308,21 @@ def _module(pipe: Any, info: LayerInfo) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ explicit attention
-def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, chunk_elements: int = _CHUNK_ELEMENTS,
-                    mask: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+def chunk_queries(batch: int, heads: int, keys: int, chunk_elements: int | None = None) -> int:
+    """Queries per chunk of :func:`attention_probs`: as many as keep a chunk within ``chunk_elements`` fp32 scores
+    (at least one)."""
+    return max(1, (_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements) // max(1, batch * heads * keys))
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, chunk_elements: int | None = None,
+                    mask: torch.Tensor | None = None, start: int = 0,
+                    stop: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(start, softmax(q[..., start:stop, :] k^T * scale))`` in fp32, query chunk by chunk.
 
     ``q``: ``(batch, heads, queries, dim)``, ``k``: ``(batch, heads, keys, dim)``; each chunk is
     ``(batch, heads, chunk, keys)`` with at most ``chunk_elements`` entries (64 MiB by default).
     ``mask`` (optional) is an additive or boolean attention mask broadcastable to ``(batch, heads, queries, keys)``.
+    ``start``/``stop`` limit the queries computed (default all).
 
     Example:
         >>> q, k = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 3, 4)
@@ -309,15 +330,18 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, chunk_elemen
         [(0, (1, 2, 2, 3)), (2, (1, 2, 2, 3)), (4, (1, 2, 1, 3))]
     """
     b, h, n, _ = q.shape
-    step = max(1, chunk_elements // max(1, b * h * k.shape[2]))
+    step = chunk_queries(b, h, k.shape[2], chunk_elements)
+    stop = n if stop is None else min(n, stop)
     kt = k.float().transpose(-1, -2)
-    qs = q.float() * scale  # scaling q (dim wide) is cheaper than scaling the scores (keys wide)
-    for start in range(0, n, step):
-        scores = qs[:, :, start : start + step] @ kt
+    for first in range(start, stop, step):
+        last = min(stop, first + step)
+        # scaling q (dim wide) is cheaper than scaling the scores (keys wide); per chunk, so no fp32 copy of q
+        scores = (q[:, :, first:last].float() * scale) @ kt
         if mask is not None:
-            m = mask[..., start : start + step, :] if mask.shape[-2] > 1 else mask
+            m = mask[..., first:last, :] if mask.shape[-2] > 1 else mask
             scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
-        yield start, torch.softmax(scores, dim=-1)
+        scores = torch.softmax(scores, dim=-1)  # the scores go as the probabilities come: one chunk held
+        yield first, scores
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, edits: list,

@@ -27,6 +27,7 @@ Imports the mechanism (``_control``, ``_select``, ``_layers``, ``_prompts``); im
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +38,7 @@ from ._hooks import MapEdit
 from ._errors import AttnlensError, choices
 from ._layers import LayerInfo, LayerTable, layers as list_layers
 from ._prompts import alignment, token_indices, tokenize
-from ._select import Selector
+from ._select import Selector, fraction_window
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -69,14 +70,21 @@ class P2POptions:
             ``"refine"`` (token alignment: aligned tokens take the source's map, new tokens keep their own), or
             ``"auto"`` (replace when the token counts match, else refine).
         cross_replace_steps: steps (fraction of the schedule, or a Selector step spec) of cross-attention editing.
-        self_replace_steps: steps of the self-attention map copy (``0`` or ``None``: no copy).
+            A fraction ``f`` (or range) is counted as the reference code counts it, over a table of ``n + 1``
+            entries: steps ``i < int(f * (n + 1))`` (40 of 50, 10 of 12 for 0.8); see :func:`p2p_cross_steps`.
+        self_replace_steps: steps of the self-attention map copy (``0`` or ``None``: no copy); a fraction ``f``
+            means steps ``i < int(f * n)`` as in the reference code (20 of 50, 4 of 12 for 0.4).
         self_max_resolution: self-attention levels copied (default: a quarter of the side of the finest attention
             level: 16 and 8 on SD 1.5 at 512x512, the reference code's rule).
         reweight: ``{word of the target prompt: factor}`` scaling that word's cross-attention.
         local_blend: ``(source word, target word)``: outside their cross-attention masks the target latent
-            is reset to the source's after each step (from ``blend_start`` of the schedule).
+            is reset to the source's after each step (from ``blend_start`` of the schedule). As in the
+            reference notebooks, the masks come from the maps summed over every step so far (step 0 to the
+            current one), not from the current step's maps alone.
         blend_threshold: mask threshold on the max-normalised map (0.3 in the reference code).
-        blend_start: fraction of the steps before blending starts (0.2).
+        blend_start: fraction of the steps before blending starts: steps ``i >= int(blend_start * n)`` blend.
+            0.2 is the null-text inversion notebook's value (``start_blend=0.2``); the Stable Diffusion
+            notebook blends from step 0 (``blend_start=0.0``).
     """
 
     mode: str = "auto"
@@ -107,7 +115,9 @@ class MasaCtrlOptions:
     """``masactrl``: mutual self-attention (Cao et al. 2023).
 
     Args:
-        start_step: first edited step, as a fraction of the schedule (4 of 50 in the reference code: 0.08).
+        start_step: first edited step, as a fraction of the schedule (4 of 50 in the reference code: 0.08), rounded
+            up: steps ``i >= ceil(start_step * n)`` are edited, so at least the reference's share of the first steps
+            keeps its own attention (step 1 of 12, 2 of 20); see :class:`InjectKV`.
         min_resolution: decoder self-attention layers whose query grid side is at least this (default: half the
             side of the finest attention level, i.e. the decoder's two upper attention levels: the reference's
             "from the 10th layer" on SD 1.5).
@@ -211,6 +221,30 @@ def _check_words(pipe: Any, opts: Any, source: str, target: str) -> None:
             raise AttnlensError(f"option {name}: {exc} (prompt 0 is the source, prompt 1 the target)") from None
 
 
+def _is_fraction(spec: Any) -> bool:
+    return isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(x, float) for x in spec)
+
+
+def p2p_cross_steps(spec: Any, n_steps: int) -> set[int]:
+    """The steps Prompt-to-Prompt's cross-attention replacement edits in a schedule of ``n_steps``.
+
+    The reference code (``get_time_words_attention_alpha``) builds a table of ``n_steps + 1`` rows and
+    sets rows ``int(lo * (n + 1))`` to ``int(hi * (n + 1))`` for a fraction ``hi`` (or a range ``(lo, hi)``);
+    step ``i`` reads row ``i``. Any other step spec is a :class:`Selector` step spec.
+
+    Example:
+        >>> sorted(p2p_cross_steps(0.8, 12)), len(p2p_cross_steps(0.8, 50)), sorted(p2p_cross_steps([0, 2], 4))
+        ([0, 1, 2, 3, 4, 5, 6, 7, 8, 9], 40, [0, 2])
+    """
+    spec = _fraction_steps(spec)
+    if not _is_fraction(spec):
+        return Selector(steps=spec).step_indices(n_steps)
+    lo, hi = spec
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise AttnlensError(f"a fraction range of steps needs 0 <= start <= end <= 1, got {spec}")
+    return set(range(n_steps)[fraction_window(lo, hi, n_steps + 1)])
+
+
 def _fraction_steps(spec: Any) -> Any:
     """A bare number ``f`` means the first ``f`` of the schedule; anything else is a Selector step spec."""
     if isinstance(spec, float) or (isinstance(spec, int) and not isinstance(spec, bool) and spec in (0, 1)):
@@ -262,9 +296,11 @@ def _selectors(method: str, opts: Any, table: Any, hw: tuple[int, int], lim: dic
     if method == "masactrl":
         limit = lim["min_resolution"]
         return [("kv", Selector(kind="self", layers=lambda i: i.name.startswith("up.") and res(i) >= limit,
-                                steps=(float(opts.start_step), 1.0), branch=opts.branch))]
+                                branch=opts.branch))]
     if method in ("p2p", "cross"):
-        out = [("cross", Selector(kind="cross", steps=_fraction_steps(opts.cross_replace_steps)))]
+        spec = _fraction_steps(opts.cross_replace_steps)
+        # a fraction window is counted by the controller (P2P's n + 1 table), other specs by the selector
+        out = [("cross", Selector(kind="cross", steps=None if _is_fraction(spec) else spec))]
         if method == "p2p" and opts.self_replace_steps:
             limit = lim["self_max_resolution"]
             # the default level may not exist on a small model: then there is no self copy (an explicit
@@ -327,7 +363,7 @@ def plan(pipe: Any, method: str, options: Any, source: str, target: str, latent_
         if tag == "fpe":
             ctrls.append(InjectQK(sel) if opts.path == "fused" else CopyMap(sel))
         elif tag == "kv":
-            ctrls.append(InjectKV(sel))
+            ctrls.append(InjectKV(sel, start=float(opts.start_step)))
         elif tag == "copy":
             ctrls.append(CopyMap(sel))
         else:
@@ -338,7 +374,8 @@ def plan(pipe: Any, method: str, options: Any, source: str, target: str, latent_
                 for word, f in opts.reweight.items():
                     factors[token_indices(tokens, word)] = float(f)
                 scale = {1: factors}
-            ctrls.append(CrossMapEdit(sel, {1: mapper}, {1: alpha}, scale, None))
+            window = _fraction_steps(opts.cross_replace_steps)
+            ctrls.append(CrossMapEdit(sel, {1: mapper}, {1: alpha}, scale, window if _is_fraction(window) else None))
     edited = {type(c).__name__: [i.name for i in c.selector.match(table)] for c in ctrls}
     settings = {"method": method, **dataclasses.asdict(opts)}
     blend = p2p_layers(table) if getattr(opts, "local_blend", None) is not None else []
@@ -437,9 +474,27 @@ class CopyMap(Controller):
 
 
 class InjectKV(_InjectRows):
-    """MasaCtrl's mutual self-attention: target queries attend to the source's keys and values."""
+    """MasaCtrl's mutual self-attention: target queries attend to the source's keys and values.
+
+    ``start`` (optional): the first edited step as a fraction of the schedule, rounded up (``ceil(start * n)``:
+    the reference code's integer ``start_step``, 4 of 50, as a share that skips at least as many steps);
+    ``None``: the selector's steps.
+    """
 
     parts = (1, 2)
+
+    def __init__(self, selector: Selector | None = None, start: float | None = None) -> None:
+        super().__init__(selector)
+        self.start = start
+
+    def _step_indices(self, n_steps: int) -> set[int]:
+        steps = self.selector.step_indices(n_steps)
+        if self.start is None:
+            return steps
+        if not 0.0 <= self.start <= 1.0:
+            raise AttnlensError(f"start_step must be a fraction of the schedule in [0, 1], not {self.start!r}")
+        first = math.ceil(round(self.start * n_steps, 9))  # 0.08 * 75 is 6.000000000000001 in floats: step 6
+        return {i for i in steps if i >= first}
 
 
 class CrossMapEdit(Controller):
@@ -447,18 +502,23 @@ class CrossMapEdit(Controller):
 
     ``mapper[t]``: ``(77,)`` source token index for each target token; ``alpha[t]``: ``(77,)`` 1 where the
     target token takes the source's (mapped) map, 0 where it keeps its own; ``scale[t]``: ``(77,)`` factors
-    applied afterwards (reweighting). ``replace`` is off on steps outside ``replace_steps``.
+    applied afterwards (reweighting). ``window``: a fraction range ``(lo, hi)`` of the schedule counted as
+    the reference code counts it (:func:`p2p_cross_steps`, over ``n + 1`` entries); ``None``: the
+    selector's steps.
     """
 
     def __init__(self, selector: Selector, mapper: dict[int, torch.Tensor], alpha: dict[int, torch.Tensor],
-                 scale: dict[int, torch.Tensor] | None, replace_steps: set[int] | None) -> None:
+                 scale: dict[int, torch.Tensor] | None, window: tuple[float, float] | None = None) -> None:
         super().__init__(selector)
-        self.mapper, self.alpha, self.scale, self.replace_steps = mapper, alpha, scale or {}, replace_steps
+        self.mapper, self.alpha, self.scale, self.window = mapper, alpha, scale or {}, window
+
+    def _step_indices(self, n_steps: int) -> set[int]:
+        steps = self.selector.step_indices(n_steps)
+        return steps if self.window is None else steps & p2p_cross_steps(self.window, n_steps)
 
     def edit_map(self, site: Site) -> MapEdit | None:
-        replace = self.replace_steps is None or site.step in self.replace_steps
         todo = [(b, t) for b in site.branches(self.selector.branch) for t in range(1, site.n_prompts)
-                if (replace and t in self.mapper) or t in self.scale]
+                if t in self.mapper or t in self.scale]
         if not todo:
             return None
 
@@ -467,7 +527,7 @@ class CrossMapEdit(Controller):
             for b, t in todo:
                 s_row, t_row = site.row(0, b), site.row(t, b)
                 cur = probs[t_row]
-                if replace and t in self.mapper:
+                if t in self.mapper:
                     a = self.alpha[t].to(probs.device)
                     cur = probs[s_row][..., self.mapper[t].to(probs.device)] * a + cur * (1 - a)
                 if t in self.scale:

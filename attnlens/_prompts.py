@@ -224,7 +224,9 @@ def alignment(tokenizer: Any, source: str, target: str, mode: str) -> tuple[torc
     """``(mapper, alpha, mode)``: for each target token, the source token whose map it takes and whether it does.
 
     ``mode`` ``"replace"`` (same token count: token ``i`` takes token ``i``), ``"refine"`` (tokens aligned by
-    a diff of the two prompts; new words keep their own map) or ``"auto"`` (replace when the counts match).
+    a diff of the two prompts; new words keep their own map; the end token takes the source's end token and
+    each padding position after it the source's same position, as Prompt-to-Prompt's ``get_mapper`` does) or
+    ``"auto"`` (replace when the counts match).
     ``mapper`` and ``alpha`` are ``(77,)``; the returned mode has ``"auto"`` resolved.
 
     Example:
@@ -250,8 +252,10 @@ def alignment(tokenizer: Any, source: str, target: str, mode: str) -> tuple[torc
     for block in difflib.SequenceMatcher(None, s[1:es], t[1:et], autojunk=False).get_matching_blocks():
         for j in range(block.size):
             mapper[1 + block.b + j], alpha[1 + block.b + j] = 1 + block.a + j, 1.0
-    for p in range(et, n):  # end and padding tokens follow the source's end and padding
-        mapper[p], alpha[p] = min(len(s) - 1, es + (p - et)), 1.0
+    # the end token takes the source's end token; every padding position after it takes the source's map at
+    # the same position, as the reference's get_mapper does (mapper[len(target):] = arange(len(target), 77))
+    mapper[et], alpha[et] = es, 1.0
+    alpha[et + 1 :] = 1.0
     return mapper, alpha, mode
 
 

@@ -55,6 +55,19 @@ def _check_indices(name: str, value: object, valid: str, allow: tuple) -> None:
     raise AttnlensError(f"{name} must be {valid}, not {value!r}")
 
 
+def fraction_window(lo: float, hi: float, n: int) -> slice:
+    """The steps of a fraction range ``(lo, hi)`` of ``n`` entries: ``int(lo * n) <= i < int(hi * n)``.
+
+    Rounded down at both ends, as the FPE and Prompt-to-Prompt reference codes compute their windows
+    (``int(num_steps * 0.8)``), so ``(0.0, 0.8)`` edits 40 of 50 steps and 9 (not 10) of 12.
+
+    Example:
+        >>> fraction_window(0.0, 0.8, 12), fraction_window(0.0, 0.8, 50)
+        (slice(0, 9, None), slice(0, 40, None))
+    """
+    return slice(int(lo * n), int(hi * n))
+
+
 @dataclass(frozen=True)
 class Selector:
     """Where to look. Every field is optional; the defaults select all of it.
@@ -65,7 +78,9 @@ class Selector:
         kind: ``"self"``, ``"cross"`` or ``None`` (both).
         resolution: keep layers whose default-size query grid side is in this set (``16`` or ``(8, 16)``).
         steps: an index, a list of indices, a ``slice``, or a fraction range ``(0.0, 0.8)`` of the schedule
-            (the first 80% of steps); indices count the pipeline's own denoising loop.
+            (the first 80% of steps: ``int(0.0 * n) <= i < int(0.8 * n)``, rounded down as the FPE and
+            Prompt-to-Prompt reference codes count, 40 of 50 and 9 of 12); indices count the pipeline's
+            own denoising loop.
         heads: ``"mean"`` (average over heads), ``"all"``, or a list of head indices.
         branch: classifier-free-guidance half: ``"cond"``, ``"uncond"`` or ``"both"``.
         prompts: indices of the prompts of the batch to keep (``None``: all).
@@ -154,7 +169,7 @@ class Selector:
             lo, hi = s
             if not 0.0 <= lo <= hi <= 1.0:
                 raise AttnlensError(f"a fraction range of steps needs 0 <= start <= end <= 1, got {s}")
-            return {i for i in range(n_steps) if lo * n_steps <= i < hi * n_steps}
+            return set(range(n_steps)[fraction_window(lo, hi, n_steps)])
         idx = [s] if isinstance(s, numbers.Integral) else list(s)
         bad = [i for i in idx if not isinstance(i, numbers.Integral) or isinstance(i, bool)
                or not -n_steps <= i < n_steps]

@@ -183,3 +183,12 @@ def test_bad_inputs_get_clear_errors(pipe):
     with capture(pipe) as cache:
         run(pipe, " ".join(["red"] * 100), steps=1)  # diffusers truncates to 77 tokens and logs it
     assert len(cache.tokens[0]) == 77
+
+
+def test_capture_around_invert_names_the_backwards_schedule(pipe):
+    """DDIM inversion walks the schedule backwards; the error says so instead of blaming a second run."""
+    from PIL import Image
+
+    with pytest.raises(AttnlensError, match=r"right after step 2.*walks the schedule backwards.*attnlens.invert.*edit_image"):
+        with capture(pipe):
+            attnlens.invert(pipe, Image.new("RGB", (16, 16), "red"), num_inference_steps=3, check=False)

@@ -80,7 +80,7 @@ def test_fpe_target_uses_the_source_map(pipe):
     for step in cache.steps:
         m = cache[name, step].float()
         same = torch.allclose(m[0], m[1], atol=1e-3)
-        assert same == (step < 0.8 * STEPS)  # steps (0.0, 0.8): indices 0..3 of 4
+        assert same == (step < int(0.8 * STEPS))  # steps (0.0, 0.8): int(3.2) = 3 steps, indices 0..2 of 4
     # the unconditional branch keeps its own maps (cond only by default); at step 0 both unconditional
     # rows have the same input, so look later, once the latents have diverged
     r2 = edit(pipe, "a red star", "a blue circle", method="fpe", num_inference_steps=STEPS, max_resolution=8,
