@@ -122,7 +122,7 @@ class AttentionCache:
         return list(self.maps)
 
     def items(self) -> list[tuple[tuple[str, int | None], torch.Tensor]]:
-        """``[((layer, step), map)]`` for every stored map (reduced maps as :meth:`__getitem__` returns them)."""
+        """``[((layer, step), map)]`` for every stored map (each map as ``cache[layer, step]`` returns it)."""
         return [(key, self[key]) for key in self.maps]
 
     def __contains__(self, key: object) -> bool:
@@ -197,7 +197,7 @@ class AttentionCache:
         return [int(h) for h in heads]
 
     def p2p_layers(self) -> list[str]:
-        """Prompt-to-Prompt's layers among the captured ones (:func:`attnlens._methods.p2p_layers`): the
+        """Prompt-to-Prompt's layers among the captured ones (the rule every P2P edit uses): the
         cross-attention layers of the down and up blocks (the mid block excluded) at the coarsest level they
         reach, relative to the model: the 16x16 maps of SD 1.x at 512x512 (a quarter of the 64x64 latent), the
         8x8 maps of the Shapes model (half of its 16x16 latent)."""

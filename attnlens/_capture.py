@@ -45,6 +45,11 @@ def _pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
     return m
 
 
+def _size(n: float) -> str:
+    """A byte count for a message: KiB below 1 MiB, else MiB (``_size(5952) == '5.8 KiB'``)."""
+    return f"{n / 2**10:,.1f} KiB" if n < 2**20 else f"{n / 2**20:,.0f} MiB"
+
+
 class _Recorder:
     """The capture hook: stores maps of the selected items, steps and heads.
 
@@ -87,9 +92,9 @@ class _Recorder:
         self.chunk = chunk if chunk != _hooks._CHUNK_ELEMENTS else None
         if kept + work > self.budget:
             raise AttnlensError(
-                f"capturing this selection needs about {(kept + work) / 2**20:,.0f} MiB ({kept / 2**20:,.0f} MiB of "
-                f"stored maps{' (fp32 running sums)' if self.reduce else ''}, {work / 2**20:,.0f} MiB of working "
-                f"memory for the largest layer), over the budget of {self.budget / 2**20:,.0f} MiB. Reduce it: fewer "
+                f"capturing this selection needs about {_size(kept + work)} ({_size(kept)} of "
+                f"stored maps{' (fp32 running sums)' if self.reduce else ''}, {_size(work)} of working "
+                f"memory for the largest layer), over the budget of {_size(self.budget)}. Reduce it: fewer "
                 "layers (layers=..., kind=...) or steps (steps=...), reduce='mean' (one map per layer), "
                 "store_resolution=16 (downsample the stored maps), heads='mean', or raise budget=..."
             )
