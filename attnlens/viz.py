@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import io
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -32,6 +31,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ._errors import AttnlensError, choices
+from ._notebook import OFFLINE_RENDERER, PAGE_RENDERER, results_dir, setup_notebook
 
 if TYPE_CHECKING:  # plotly is an optional (book) dependency
     import plotly.graph_objects as go
@@ -44,7 +44,7 @@ Point = tuple[float, float]
 __all__ = [
     "as_image", "attention_slider", "image_grid", "image_slider", "layer_grid", "mark", "overlay",
     "self_attention_grid", "self_attention_map", "self_attention_pca", "self_attention_slider",
-    "results_dir", "setup_notebook", "step_grid", "word_grid", "OFFLINE_RENDERER",
+    "results_dir", "setup_notebook", "step_grid", "word_grid", "OFFLINE_RENDERER", "PAGE_RENDERER",
 ]
 
 
@@ -365,95 +365,6 @@ def self_attention_grid(cache: "AttentionCache", image: Image.Image, layer: str,
 
 
 # ------------------------------------------------------------------------------------ plotly
-OFFLINE_RENDERER = "attnlens_notebook"
-"""The plotly renderer :func:`setup_notebook` registers and selects."""
-
-
-def _register_offline_renderer() -> None:
-    import plotly.io as pio
-    from plotly.io import base_renderers
-
-    class OfflineNotebookRenderer(base_renderers.NotebookRenderer):
-        """plotly's ``"notebook"`` renderer (plotly.js inlined once, when activated) minus the MathJax
-        ``<script>`` it adds to every figure from a CDN, which an offline page cannot load."""
-
-        def to_mimebundle(self, fig_dict):
-            from plotly.io import to_html
-
-            html = to_html(fig_dict, config=self.config, auto_play=self.auto_play, include_plotlyjs=False,
-                           include_mathjax=False, post_script=self.post_script, full_html=False,
-                           animation_opts=self.animation_opts, default_width="100%", default_height=525,
-                           validate=False)
-            return {"text/html": html}
-
-    if OFFLINE_RENDERER not in pio.renderers:
-        pio.renderers[OFFLINE_RENDERER] = OfflineNotebookRenderer()
-
-
-def results_dir(needs: str | None = None) -> Path:
-    """The repository's ``benchmarks/results/`` folder, where the benchmarks record their figures.
-
-    The chapters that show recorded results call this. It looks beside the imported package first (a clone
-    installed with ``pip install -e .``), then in the current folder and its parents. ``needs`` names a
-    file that must be in the folder.
-
-    Raises:
-        FileNotFoundError: no such folder (or none holding ``needs``); the message says what was looked for.
-
-    Example:
-        >>> (results_dir("shapes_quality.json") / "shapes_quality.json").is_file()
-        True
-    """
-    here = Path.cwd()
-    for base in (Path(__file__).resolve().parents[1], here, *here.parents):
-        folder = base / "benchmarks" / "results"
-        if folder.is_dir() and (needs is None or (folder / needs).is_file()):
-            return folder
-    what = "benchmarks/results/" + (needs or "")
-    raise FileNotFoundError(f"{what} not found beside the attnlens package, in {here} or its parents: recorded "
-                            "results live in a clone of the attnlens repository (run the chapter there, or run the "
-                            "benchmark that writes the file)")
-
-
-def setup_notebook(renderer: str | None = None) -> None:
-    """The set-up every chapter and lab calls first.
-
-    Selects a plotly renderer that works in an offline static HTML page: :data:`OFFLINE_RENDERER`,
-    plotly's ``"notebook"`` renderer (plotly.js inlined in the page once) without the MathJax script it
-    would load from a CDN for every figure (``$ATTNLENS_PLOTLY_RENDERER`` or ``renderer`` choose
-    another). Also quiets library progress bars and deprecation notices, so pages show only what the
-    chapter prints.
-
-    Example:
-        >>> import plotly.io as pio
-        >>> setup_notebook(renderer="json")
-        >>> pio.renderers.default, OFFLINE_RENDERER in pio.renderers
-        ('json', True)
-    """
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    try:
-        from diffusers.utils import logging as dlog
-
-        dlog.set_verbosity_error()
-        dlog.disable_progress_bar()
-    except ImportError:  # pragma: no cover - diffusers is a dependency
-        pass
-    try:
-        from transformers.utils import logging as tlog
-
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
-    import plotly.io as pio
-
-    _register_offline_renderer()
-    pio.renderers.default = renderer or os.environ.get("ATTNLENS_PLOTLY_RENDERER") or OFFLINE_RENDERER
-
-
 def _data_uri(image: Image.Image) -> str:
     buf = io.BytesIO()
     image.convert("RGB").save(buf, format="PNG", optimize=True)

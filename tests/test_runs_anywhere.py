@@ -30,3 +30,39 @@ def test_embedded_tokenizer_files_are_the_packages_own():
         f = EMBEDDED_MODEL / "tokenizer" / name
         assert f.is_file() and not f.is_symlink(), f
         assert f.read_bytes() == (TOKENIZER_DIR / name).read_bytes(), name
+
+
+def test_every_attnlens_package_is_listed_for_the_wheel():
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "attnlens").rglob("__init__.py")}
+    assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages in pyproject.toml"
+    assert "attnlens.results" in listed
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_results_and_a_plain_install_finds_them(tmp_path):
+    """A non-editable install, used from a folder outside the clone, finds every recorded result."""
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT),
+                    "-w", str(tmp_path / "w")], check=True, cwd=tmp_path, capture_output=True)
+    (wheel,) = (tmp_path / "w").glob("attnlens-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    recorded = [p.name for p in (ROOT / "benchmarks" / "results").iterdir() if p.suffix in (".json", ".csv", ".png")]
+    assert recorded and {f"attnlens/results/{n}" for n in recorded} <= names
+    assert not [n for n in names if n.startswith("benchmarks/") or (n.startswith("attnlens/results/") and n.endswith(".py"))]
+    assert "attnlens/models/shapes/tokenizer/vocab.json" in names
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    code = ("import attnlens, pathlib; d = attnlens.results_dir('shapes_quality.json'); "
+            "print(pathlib.Path(attnlens.__file__).parent, d)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=outside, capture_output=True, text=True, check=True,
+                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}).stdout.split()
+    package, found = map(Path, out)
+    assert package.is_relative_to(site) and found == package / "results", out

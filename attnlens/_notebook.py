@@ -1,0 +1,192 @@
+"""Notebook plumbing shared by the chapters, the labs, the CLI and the benchmarks: torch's CPU threads,
+where the recorded results are, and the one set-up call every chapter makes first.
+
+Public names: :func:`attnlens.set_threads` and :func:`attnlens.results_dir`; :func:`attnlens.viz.setup_notebook`
+(re-exported by :mod:`attnlens.viz`, where the chapters call it).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ._errors import AttnlensError
+
+THREADS_ENV = "ATTNLENS_THREADS"
+BOOK_BUILD_ENV = "ATTNLENS_BOOK_BUILD"  # set by the book's Sphinx extension; its kernels inherit it
+OFFLINE_RENDERER = "attnlens_notebook"
+PAGE_RENDERER = "attnlens_page"
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """The thread count :func:`set_threads` picks when nothing asks for one: ``$ATTNLENS_THREADS``, then
+    ``$OMP_NUM_THREADS``, then the cores this process may use minus one (at least 1).
+
+    Leaving one core free is the point: torch's CPU threads spin-wait for each other at every parallel
+    operation, so when one of them shares a core with another program every operation waits for the
+    descheduled thread; measured on 2 cores (issue 21), a 2-thread generation went from 0.76 s to
+    51-68 s while another process held one core.
+
+    Example:
+        >>> os.environ["ATTNLENS_THREADS"] = "3"
+        >>> default_threads()
+        3
+        >>> del os.environ["ATTNLENS_THREADS"]
+    """
+    for var in (THREADS_ENV, "OMP_NUM_THREADS"):
+        raw = os.environ.get(var, "").strip()
+        if raw:
+            try:
+                n = int(raw)
+            except ValueError:
+                n = 0
+            if n < 1:
+                raise AttnlensError(f"${var} must be a whole number of threads >= 1, got {raw!r}")
+            return n
+    return max(1, _available_cores() - 1)
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Set torch's CPU threads for this process and return the number set.
+
+    ``threads`` defaults to :func:`default_threads` (``$ATTNLENS_THREADS``, ``$OMP_NUM_THREADS``, or the
+    available cores minus one). Inter-op threads are set to 1 when torch still allows it. The chapters
+    (through :func:`attnlens.viz.setup_notebook`), the ``attnlens`` CLI and the book's build-time benchmark
+    call this, so ``ATTNLENS_THREADS=2 scripts/book.sh`` sets the whole build.
+
+    Raises:
+        AttnlensError: ``threads`` (or the environment variable) is not a whole number >= 1.
+
+    Example:
+        >>> import torch
+        >>> set_threads(1), torch.get_num_threads()
+        (1, 1)
+    """
+    import torch
+
+    n = default_threads() if threads is None else threads
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise AttnlensError(f"threads must be a whole number >= 1, got {threads!r}")
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set, or parallel work already ran: keep torch's
+        pass
+    return n
+
+
+def _installed_results() -> Path | None:
+    """The ``attnlens.results`` package data of an installed (non-editable) wheel, if any: a data-only
+    folder beside the package's modules (``attnlens/results/`` in site-packages)."""
+    path = Path(__file__).resolve().parent / "results"
+    return path if path.is_dir() else None
+
+
+def results_dir(needs: str | None = None) -> Path:
+    """The folder of recorded benchmark results the chapters read (``benchmarks/results/`` of the repository).
+
+    Looked for, in order: beside the imported package (a clone, installed with ``pip install -e .`` or on
+    ``PYTHONPATH``); the ``attnlens.results`` package data a ``pip install`` of the wheel ships (the same
+    files, copied at build time); the current folder and its parents. ``needs`` names a file that must be
+    in the folder.
+
+    Raises:
+        FileNotFoundError: no such folder (or none holding ``needs``); the message says where it looked.
+
+    Example:
+        >>> (results_dir("shapes_quality.json") / "shapes_quality.json").is_file()
+        True
+    """
+    here = Path.cwd()
+    candidates = [Path(__file__).resolve().parents[1] / "benchmarks" / "results"]
+    installed = _installed_results()
+    if installed is not None:
+        candidates.append(installed)
+    candidates += [base / "benchmarks" / "results" for base in (here, *here.parents)]
+    for folder in candidates:
+        if folder.is_dir() and (needs is None or (folder / needs).is_file()):
+            return folder
+    what = "benchmarks/results/" + (needs or "")
+    raise FileNotFoundError(
+        f"{what} not found beside the attnlens package, in its installed results (attnlens.results), in {here} or "
+        "its parents: install attnlens from a wheel or clone built from a release that records it "
+        "(pip install 'attnlens[book]'), or run the benchmark that writes the file")
+
+
+def _register_renderers() -> None:
+    import plotly.io as pio
+    from plotly.io import base_renderers
+
+    class OfflineNotebookRenderer(base_renderers.NotebookRenderer):
+        """plotly's ``"notebook"`` renderer (plotly.js inlined once, when activated) minus the MathJax
+        ``<script>`` it adds to every figure from a CDN, which an offline page cannot load."""
+
+        def to_mimebundle(self, fig_dict):
+            from plotly.io import to_html
+
+            html = to_html(fig_dict, config=self.config, auto_play=self.auto_play, include_plotlyjs=False,
+                           include_mathjax=False, post_script=self.post_script, full_html=False,
+                           animation_opts=self.animation_opts, default_width="100%", default_height=525,
+                           validate=False)
+            return {"text/html": html}
+
+    class PageRenderer(OfflineNotebookRenderer):
+        """For the book's build: the figure's HTML only, never plotly.js; the book's extension loads one
+        copy of plotly.min.js (from the installed plotly) on each page that has a figure."""
+
+        def activate(self):  # no inlined plotly.js bundle
+            pass
+
+    if OFFLINE_RENDERER not in pio.renderers:
+        pio.renderers[OFFLINE_RENDERER] = OfflineNotebookRenderer()
+    if PAGE_RENDERER not in pio.renderers:
+        pio.renderers[PAGE_RENDERER] = PageRenderer()
+
+
+def setup_notebook(renderer: str | None = None, threads: int | None = None) -> None:
+    """The set-up every chapter and lab calls first.
+
+    - torch's CPU threads: :func:`set_threads` (``threads``, ``$ATTNLENS_THREADS``, or the cores minus one);
+    - a plotly renderer that works in an offline static page: inside the book's build (``$ATTNLENS_BOOK_BUILD``,
+      set by its extension) :data:`PAGE_RENDERER`, which leaves plotly.js to the page (one file per site);
+      elsewhere :data:`OFFLINE_RENDERER`, plotly's ``"notebook"`` renderer (plotly.js inlined once) without
+      the MathJax script it would load from a CDN. ``$ATTNLENS_PLOTLY_RENDERER`` or ``renderer`` choose another;
+    - library progress bars and deprecation notices quieted, so pages show only what the chapter prints.
+
+    Example:
+        >>> import plotly.io as pio
+        >>> setup_notebook(renderer="json", threads=1)
+        >>> pio.renderers.default, OFFLINE_RENDERER in pio.renderers, PAGE_RENDERER in pio.renderers
+        ('json', True, True)
+    """
+    import warnings
+
+    set_threads(threads)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        pass
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+    import plotly.io as pio
+
+    _register_renderers()
+    default = PAGE_RENDERER if os.environ.get(BOOK_BUILD_ENV) else OFFLINE_RENDERER
+    pio.renderers.default = renderer or os.environ.get("ATTNLENS_PLOTLY_RENDERER") or default
