@@ -16,12 +16,24 @@ de-duplicated (same file or same inline body, same attributes) before it is writ
 
 The theme's own launch buttons need a repository URL in _config.yml; these read it from the
 environment at build time, so a clone builds without one.
+
+**Execution mode.** ``$ATTNLENS_BOOK_EXECUTE`` (``cache``, ``force``, ``auto``, ``off``) overrides
+``execute_notebooks`` of _config.yml: scripts/book.sh passes ``force`` on CI (``CI=true``) and
+``cache`` (jupyter-cache: an unchanged chapter is not executed again) elsewhere.
+
+**Kernels know they are in the build.** ``$ATTNLENS_BOOK_BUILD`` is set for the executing kernels
+(they inherit the environment), so :func:`attnlens.viz.setup_notebook` picks the page renderer.
+
+**plotly.js once per site.** Figures carry no plotly.js of their own (the page renderer); the
+installed plotly's ``plotly.min.js`` is copied once to ``_static/`` and loaded, before require.js,
+by each page that has a plotly figure. The pages still work offline (nothing from a CDN).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 from sphinx.application import Sphinx
@@ -84,7 +96,44 @@ def _unique_scripts(app: Sphinx, pagename: str, templatename: str, context: dict
     scripts[:] = unique  # in place: handlers after this one add their page's scripts to the same list
 
 
+EXECUTION_MODES = ("cache", "force", "auto", "off", "inline")
+PLOTLY_JS = "plotly.min.js"
+
+
+def _execution_mode(app: Sphinx, config) -> None:
+    mode = os.environ.get("ATTNLENS_BOOK_EXECUTE", "").strip()
+    if not mode:
+        return
+    if mode not in EXECUTION_MODES:
+        raise ValueError(f"$ATTNLENS_BOOK_EXECUTE must be one of {', '.join(EXECUTION_MODES)}, not {mode!r}")
+    config.nb_execution_mode = mode
+
+
+def _plotly_source() -> Path:
+    import plotly
+
+    return Path(plotly.__file__).parent / "package_data" / PLOTLY_JS
+
+
+def _copy_plotly(app: Sphinx) -> None:
+    if app.builder.format != "html":
+        return
+    static = Path(app.outdir) / "_static"
+    static.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_plotly_source(), static / PLOTLY_JS)
+
+
+def _plotly_once(app: Sphinx, pagename: str, templatename: str, context: dict, doctree) -> None:
+    if 'class="plotly-graph-div"' in context.get("body", ""):
+        # before require.js (myst-nb's widget scripts, priority 500): plotly.js then defines window.Plotly
+        app.add_js_file(PLOTLY_JS, priority=100)
+
+
 def setup(app: Sphinx) -> dict:
+    os.environ["ATTNLENS_BOOK_BUILD"] = "1"  # the executing kernels inherit it
+    app.connect("config-inited", _execution_mode)
+    app.connect("builder-inited", _copy_plotly)
+    app.connect("html-page-context", _plotly_once, priority=50)
     # early: html-page-context stops at the first handler that returns a template name
     app.connect("html-page-context", _unique_scripts, priority=100)
     # after sphinx-book-theme prepares header_buttons (priority 500) and adds its own (501)
