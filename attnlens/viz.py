@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from ._errors import AttnlensError, choices
 from ._notebook import OFFLINE_RENDERER, PAGE_RENDERER, results_dir, setup_notebook
@@ -68,7 +68,7 @@ def _normalise(a: np.ndarray) -> np.ndarray:
 _VIRIDIS = np.array([(68, 1, 84), (72, 24, 106), (71, 45, 123), (66, 64, 134), (59, 82, 139), (51, 99, 141),
                      (44, 114, 142), (38, 130, 142), (33, 145, 140), (31, 160, 136), (40, 174, 128), (63, 188, 115),
                      (94, 201, 98), (132, 212, 75), (173, 220, 48), (216, 226, 25), (253, 231, 37)], dtype=np.float32)
-CONTOUR_LEVELS = (0.25, 0.5, 0.75)
+CONTOUR_LEVELS = (0.5, 0.8)
 """The fractions of the scale at which :func:`overlay` draws its contour lines."""
 
 
@@ -102,9 +102,10 @@ def _scaled(a: np.ndarray, scale: tuple[float, float] | None) -> np.ndarray:
     return np.clip((a.astype(np.float32) - lo) / max(hi - lo, 1e-12), 0, 1)
 
 
-def shared_scale(heats: Sequence[Any]) -> tuple[float, float]:
-    """One scale for a grid of maps: from 0 (attention is never negative; a map's own minimum when one is
-    negative) to the largest value of any map, so tiles compare by colour.
+def shared_scale(heats: Sequence[Any], from_zero: bool = True) -> tuple[float, float]:
+    """One scale for a grid of maps, so tiles compare by colour: from 0 (attention is never negative; with
+    ``from_zero=False``, or when a map is negative, the smallest value of any map) to the largest value of
+    any map.
 
     Example:
         >>> shared_scale([np.full((2, 2), 0.1), np.eye(2) * 0.4])
@@ -113,7 +114,8 @@ def shared_scale(heats: Sequence[Any]) -> tuple[float, float]:
     arrays = [_array(h) for h in heats]
     if not arrays:
         raise AttnlensError("shared_scale needs at least one map")
-    lo = min(0.0, min(float(a.min()) for a in arrays))
+    lo = min(float(a.min()) for a in arrays)
+    lo = min(0.0, lo) if from_zero else lo
     hi = max(float(a.max()) for a in arrays)
     return lo, hi if hi > lo else lo + 1.0
 
@@ -158,6 +160,10 @@ def overlay(image: Image.Image, heat: torch.Tensor | np.ndarray, alpha: float = 
     if style not in ("contour", "blend"):
         raise AttnlensError(f"style must be one of {choices(('contour', 'blend'))}, not {style!r}")
     big = _resize(_scaled(h, scale), image.size, Image.BILINEAR)
+    if style == "contour":  # smooth over about one map cell, so lines follow the map, not its cell edges
+        radius = max(image.size[0] / h.shape[1], image.size[1] / h.shape[0]) / 2
+        big = np.asarray(Image.fromarray((big * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(radius)),
+                         dtype=np.float32) / 255
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
     if style == "blend":
         return Image.fromarray(np.clip((1 - alpha) * base + alpha * _ramp(big), 0, 255).astype(np.uint8))
@@ -507,7 +513,7 @@ def self_attention_grid(cache: "AttentionCache", image: Image.Image, layer: str,
     colour bar. ``points`` are (x, y) in the image's pixels."""
     pts = _grid_points(*image.size, 3) if points is None else list(points)
     heats = [self_attention_map(cache, layer, p, steps=steps, prompt=prompt, image_size=image.size) for p in pts]
-    scale = shared_scale(heats)
+    scale = shared_scale(heats, from_zero=False)  # rows of a softmax over many keys: all near 1 / keys
     tiles, labels = [], []
     for p, heat in zip(pts, heats):
         tiles += [mark(image, p), mark(as_image(heat, size=image.size, scale=scale), p)]
@@ -730,7 +736,7 @@ def self_attention_slider(cache: "AttentionCache", image: Image.Image, layer: st
     """
     pts = _grid_points(*image.size, 4) if points is None else list(points)
     heats = [self_attention_map(cache, layer, p, steps=steps, prompt=prompt, image_size=image.size) for p in pts]
-    scale = shared_scale(heats)
+    scale = shared_scale(heats, from_zero=False)
     frames = {f"({int(p[0])}, {int(p[1])})": [mark(image, p), mark(as_image(h, size=image.size, scale=scale), p)]
               for p, h in zip(pts, heats)}
     return image_slider(frames, ["query point", f"its attention in {layer}"], label="query (x, y) ", title=title,
