@@ -66,3 +66,40 @@ def test_wheel_ships_the_results_and_a_plain_install_finds_them(tmp_path):
                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}).stdout.split()
     package, found = map(Path, out)
     assert package.is_relative_to(site) and found == package / "results", out
+
+
+def _executable_pages() -> list[Path]:
+    md = [p for p in sorted((ROOT / "book").glob("*.md")) if "kernelspec:" in p.read_text().split("\n---", 1)[0]]
+    return md + sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def _first_code_cell(path: Path) -> str:
+    import json
+    import re
+
+    if path.suffix == ".ipynb":
+        return next("".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
+    return re.search(r"```\{code-cell\}[^\n]*\n(.*?)```", path.read_text(), flags=re.S).group(1)
+
+
+@pytest.mark.parametrize("path", _executable_pages(), ids=lambda p: p.name)
+def test_every_chapter_installs_attnlens_first_when_it_is_missing(path):
+    """Colab or a fresh JupyterLab: the first cell installs attnlens before importing it, from
+    $ATTNLENS_SOURCE (the book's _notebooks/ copies fill in the repository); never a guessed PyPI name."""
+    cell = _first_code_cell(path)
+    guard = cell.find('importlib.util.find_spec("attnlens") is None')
+    assert guard != -1, f"{path.name}: the first cell must install attnlens when it is missing"
+    assert guard < cell.find("import attnlens"), f"{path.name}: install before importing attnlens"
+    assert 'os.environ.get("ATTNLENS_SOURCE", "")' in cell and '"pip", "install"' in cell
+
+
+def test_the_install_cell_runs_and_names_what_to_set(tmp_path):
+    """Without attnlens and without $ATTNLENS_SOURCE the cell stops with a message naming the variable."""
+    import sys
+
+    cell = _first_code_cell(ROOT / "book" / "02_unet_anatomy.md")
+    install = cell[: cell.index("import numpy")]
+    code = "import sys; sys.modules['attnlens'] = None\nimport importlib.util\nimportlib.util.find_spec = lambda name: None\n" + install
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode != 0 and "set ATTNLENS_SOURCE" in out.stderr, out.stderr

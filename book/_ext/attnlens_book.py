@@ -11,8 +11,14 @@ de-duplicated (same file or same inline body, same attributes) before it is writ
 - **JupyterLab**: the page's source in the JupyterLab that ``scripts/lab.sh`` starts at the
   repository root (``$ATTNLENS_LAB_URL``, default ``http://localhost:8888``); lab.sh makes
   JupyterLab open MyST Markdown notebooks as notebooks.
-- **Colab** (``.ipynb`` pages only): when the book is built with ``$ATTNLENS_REPO_URL`` set to the
-  GitHub repository it is published from (``$ATTNLENS_REPO_BRANCH``, default ``main``).
+- **Notebook (.ipynb)**: the page as a notebook without outputs, written by the build to
+  ``_notebooks/<page>.ipynb`` (jupytext), to download and open in any Jupyter.
+- **Colab**: when the book is built with ``$ATTNLENS_REPO_URL`` set to the GitHub repository it is
+  published from, the same ``_notebooks/`` copy on the branch the site is published to
+  (``$ATTNLENS_PAGES_BRANCH``, default ``gh-pages``: publish ``_build/html/`` at that branch's root).
+  Each copy's first cell installs attnlens when it is missing: the build writes the repository
+  (``attnlens[book] @ git+$ATTNLENS_REPO_URL@$ATTNLENS_REPO_BRANCH``, branch default ``main``) into it as
+  the default of ``$ATTNLENS_SOURCE``.
 
 The theme's own launch buttons need a repository URL in _config.yml; these read it from the
 environment at build time, so a clone builds without one.
@@ -39,6 +45,45 @@ from pathlib import Path
 from sphinx.application import Sphinx
 
 
+NOTEBOOKS_DIR = "_notebooks"
+SOURCE_DEFAULT = 'os.environ.get("ATTNLENS_SOURCE", "")'
+
+
+def _github(url: str):
+    return re.match(r"https://github\.com/([^/]+)/([^/]+?)(?:\.git)?/?$", url)
+
+
+def _write_notebooks(app: Sphinx, exception) -> None:
+    """Every executable page as ``_notebooks/<page>.ipynb`` (no outputs), the install source filled in."""
+    if exception is not None or app.builder.format != "html":
+        return
+    import jupytext
+
+    repo = os.environ.get("ATTNLENS_REPO_URL", "").rstrip("/")
+    source = None
+    if _github(repo):
+        branch = os.environ.get("ATTNLENS_REPO_BRANCH", "main")
+        source = f"attnlens[book] @ git+{repo.removesuffix('.git')}.git@{branch}"
+    for docname in app.env.found_docs:
+        path = Path(app.env.doc2path(docname))
+        if path.suffix not in (".md", ".ipynb") or not path.is_file():
+            continue
+        meta = app.env.metadata.get(docname, {})
+        if path.suffix == ".md" and "kernelspec" not in meta:
+            continue
+        nb = jupytext.read(path)
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                cell.outputs, cell.execution_count = [], None
+                if source and SOURCE_DEFAULT in cell.source:
+                    cell.source = cell.source.replace(SOURCE_DEFAULT, f'os.environ.get("ATTNLENS_SOURCE", "{source}")')
+        nb.metadata.pop("widgets", None)
+        nb.metadata.pop("jupytext", None)
+        out = Path(app.outdir) / NOTEBOOKS_DIR / f"{docname}.ipynb"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        jupytext.write(nb, out, fmt="ipynb")
+
+
 def _is_notebook(app: Sphinx, pagename: str, context: dict) -> bool:
     meta = app.env.metadata.get(pagename, {})
     return "kernelspec" in meta or context.get("page_source_suffix", "") == ".ipynb"
@@ -57,16 +102,24 @@ def _add_launch_buttons(app: Sphinx, pagename: str, templatename: str, context: 
         "url": f"{lab}/lab/tree/{source}",
         "label": "launch-jupyterlab-button",
     }]
-    repo = os.environ.get("ATTNLENS_REPO_URL", "")
-    m = re.match(r"https://github\.com/([^/]+)/([^/]+?)(?:\.git)?/?$", repo)
-    if m and source.endswith(".ipynb"):
-        branch = os.environ.get("ATTNLENS_REPO_BRANCH", "main")
+    depth = pagename.count("/")
+    buttons.append({
+        "type": "link",
+        "text": "Notebook (.ipynb)",
+        "tooltip": "Download this page as a notebook (no outputs); its first cell installs attnlens when missing",
+        "icon": "fas fa-download",
+        "url": "../" * depth + f"{NOTEBOOKS_DIR}/{pagename}.ipynb",
+        "label": "download-notebook-button",
+    })
+    m = _github(os.environ.get("ATTNLENS_REPO_URL", ""))
+    if m:
+        branch = os.environ.get("ATTNLENS_PAGES_BRANCH", "gh-pages")
         buttons.append({
             "type": "link",
             "text": "Colab",
             "tooltip": "Open on Google Colab",
             "icon": "_static/images/logo_colab.png",
-            "url": f"https://colab.research.google.com/github/{m[1]}/{m[2]}/blob/{branch}/{source}",
+            "url": f"https://colab.research.google.com/github/{m[1]}/{m[2]}/blob/{branch}/{NOTEBOOKS_DIR}/{pagename}.ipynb",
             "label": "launch-colab-button",
         })
     context["header_buttons"].append({
@@ -133,6 +186,7 @@ def setup(app: Sphinx) -> dict:
     os.environ["ATTNLENS_BOOK_BUILD"] = "1"  # the executing kernels inherit it
     app.connect("config-inited", _execution_mode)
     app.connect("builder-inited", _copy_plotly)
+    app.connect("build-finished", _write_notebooks)
     app.connect("html-page-context", _plotly_once, priority=50)
     # early: html-page-context stops at the first handler that returns a template name
     app.connect("html-page-context", _unique_scripts, priority=100)
