@@ -190,3 +190,85 @@ def setup_notebook(renderer: str | None = None, threads: int | None = None) -> N
     _register_renderers()
     default = PAGE_RENDERER if os.environ.get(BOOK_BUILD_ENV) else OFFLINE_RENDERER
     pio.renderers.default = renderer or os.environ.get("ATTNLENS_PLOTLY_RENDERER") or default
+
+
+# ------------------------------------------------------------------------------------ fitting a model
+STORE_RESOLUTIONS = (None, 32, 16, 8)
+
+
+def capture_settings(pipe, *, kind: str | None = "self", items: int = 1, num_inference_steps: int,
+                     steps=None, layers=None, allow_reduce: bool = False, budget: int | None = None,
+                     height: int | None = None, width: int | None = None) -> dict:
+    """Keywords for :func:`attnlens.capture` that make a chapter's capture fit the memory budget on any
+    model: ``{}`` when the full capture fits (the embedded Shapes model), else the largest
+    ``store_resolution`` that fits (32, 16 or 8: each map's query and self-attention key grids pooled to
+    that side), and, only with ``allow_reduce``, ``reduce="mean"`` (one map per layer instead of one per
+    step). The estimate is the one :func:`attnlens.capture` checks before it runs (bytes of fp16 maps,
+    ``items`` prompts of the conditional branch, head mean).
+
+    Raises:
+        AttnlensError: nothing fits; the message gives the smallest estimate.
+
+    Example:
+        >>> from attnlens._testing import tiny_pipeline
+        >>> capture_settings(tiny_pipeline(), kind="self", items=3, num_inference_steps=20)
+        {}
+        >>> capture_settings(tiny_pipeline(), kind="self", items=3, num_inference_steps=20, budget=500_000,
+        ...                  allow_reduce=True)  # its maps are 8x8 at most: only one map per layer fits
+        {'reduce': 'mean'}
+    """
+    from types import SimpleNamespace
+
+    from ._capture import DEFAULT_BUDGET, _Recorder
+    from ._layers import layers as list_layers
+    from ._select import Selector
+
+    budget = DEFAULT_BUDGET if budget is None else budget
+    sel = Selector(layers=layers, kind=kind, steps=steps)
+    chosen = sel.match(list_layers(pipe))
+    unet_size = pipe.unet.config.sample_size
+    unet_size = unet_size if isinstance(unet_size, int) else unet_size[0]
+    vae = int(getattr(pipe, "vae_scale_factor", 8))
+    latent = ((height // vae) if height else unet_size, (width // vae) if width else unet_size)
+    options = [{} if r is None else {"store_resolution": r} for r in STORE_RESOLUTIONS]
+    if allow_reduce:
+        options += [{**o, "reduce": "mean"} for o in options]
+    import torch
+
+    smallest = None
+    for option in options:
+        rec = _Recorder(SimpleNamespace(latent_hw=latent), sel, None, torch.float16, option.get("reduce"),
+                        option.get("store_resolution"), budget, chosen)
+        rec.steps = sel.step_indices(num_inference_steps)
+        rec.rows = [None] * items
+        need = sum(rec._bytes(info) for info in chosen)
+        smallest = need if smallest is None else min(smallest, need)
+        if need <= budget:
+            return option
+    raise AttnlensError(f"no capture setting fits: the smallest needs about {smallest / 2**20:,.1f} MiB, over the "
+                        f"budget of {budget / 2**20:,.1f} MiB; capture fewer layers, steps or prompts")
+
+
+def is_shapes_model(pipe) -> bool:
+    """Whether ``pipe`` is a model of the Shapes world, whose images the oracle (:mod:`attnlens.shapes.oracle`)
+    can read: the embedded model, or a folder with its training record (``training.json``) beside
+    ``model_index.json``. On any other model the chapters score with :class:`attnlens.CLIPMetrics` instead.
+
+    Example:
+        >>> from attnlens._testing import tiny_pipeline
+        >>> import attnlens
+        >>> is_shapes_model(attnlens.load_pipeline()), is_shapes_model(tiny_pipeline())
+        (True, False)
+    """
+    from ._pipeline import EMBEDDED_MODEL
+
+    source = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    if not source:
+        return False
+    folder = Path(str(source))
+    if not folder.is_dir():
+        return False
+    if folder.resolve() == EMBEDDED_MODEL.resolve():
+        return True
+    record = folder / "training.json"
+    return record.is_file() and "unet_step" in record.read_text()
