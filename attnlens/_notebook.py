@@ -272,3 +272,27 @@ def is_shapes_model(pipe) -> bool:
         return True
     record = folder / "training.json"
     return record.is_file() and "unet_step" in record.read_text()
+
+
+def oracle_notice(pipe):
+    """In a chapter whose scores read images with the Shapes oracle: nothing on a Shapes model; on any
+    other model a Markdown notice (shown as the set-up cell's output) that those readings do not apply
+    and that :class:`attnlens.CLIPMetrics` is the measure there.
+
+    Example:
+        >>> from attnlens._testing import tiny_pipeline
+        >>> import attnlens
+        >>> oracle_notice(attnlens.load_pipeline()) is None, "CLIPMetrics" in oracle_notice(tiny_pipeline()).data
+        (True, True)
+    """
+    if is_shapes_model(pipe):
+        return None
+    from IPython.display import Markdown
+
+    name = getattr(pipe, "name_or_path", None) or type(pipe).__name__
+    return Markdown(
+        f"**Not a Shapes model** (`{name}`): this chapter's scores read images with the Shapes oracle "
+        "(`attnlens.shapes.oracle`), which knows only the Shapes world, so on this model its readings, "
+        "verdicts and the numbers taken from them mean nothing. The images, maps and edits are this model's. "
+        "Measure edits here with `attnlens.CLIPMetrics` (CLIP score and directional similarity, the paper's "
+        "metrics); this chapter does not switch to it by itself.")
