@@ -14,8 +14,8 @@ from ._errors import AttnlensError
 
 THREADS_ENV = "ATTNLENS_THREADS"
 BOOK_BUILD_ENV = "ATTNLENS_BOOK_BUILD"  # set by the book's Sphinx extension; its kernels inherit it
-OFFLINE_RENDERER = "attnlens_notebook"
-PAGE_RENDERER = "attnlens_page"
+OFFLINE_RENDERER = "attnlens_notebook"  # plotly's "notebook" renderer without the CDN MathJax script
+PAGE_RENDERER = "attnlens_page"  # the book build's renderer: no plotly.js in the figure (the page loads it once)
 
 
 def _available_cores() -> int:
@@ -26,7 +26,7 @@ def _available_cores() -> int:
 
 
 def default_threads() -> int:
-    """The thread count :func:`set_threads` picks when nothing asks for one: ``$ATTNLENS_THREADS``, then
+    """The thread count ``set_threads`` picks when nothing asks for one: ``$ATTNLENS_THREADS``, then
     ``$OMP_NUM_THREADS``, then the cores this process may use minus one (at least 1).
 
     Leaving one core free is the point: torch's CPU threads spin-wait for each other at every parallel
@@ -56,7 +56,7 @@ def default_threads() -> int:
 def set_threads(threads: int | None = None) -> int:
     """Set torch's CPU threads for this process and return the number set.
 
-    ``threads`` defaults to :func:`default_threads` (``$ATTNLENS_THREADS``, ``$OMP_NUM_THREADS``, or the
+    ``threads`` defaults to ``default_threads()`` (``$ATTNLENS_THREADS``, ``$OMP_NUM_THREADS``, or the
     available cores minus one). Inter-op threads are set to 1 when torch still allows it. The chapters
     (through :func:`attnlens.viz.setup_notebook`), the ``attnlens`` CLI and the book's build-time benchmark
     call this, so ``ATTNLENS_THREADS=2 scripts/book.sh`` sets the whole build.
@@ -153,10 +153,10 @@ def _register_renderers() -> None:
 def setup_notebook(renderer: str | None = None, threads: int | None = None) -> None:
     """The set-up every chapter and lab calls first.
 
-    - torch's CPU threads: :func:`set_threads` (``threads``, ``$ATTNLENS_THREADS``, or the cores minus one);
+    - torch's CPU threads: :func:`attnlens.set_threads` (``threads``, ``$ATTNLENS_THREADS``, or the cores minus one);
     - a plotly renderer that works in an offline static page: inside the book's build (``$ATTNLENS_BOOK_BUILD``,
-      set by its extension) :data:`PAGE_RENDERER`, which leaves plotly.js to the page (one file per site);
-      elsewhere :data:`OFFLINE_RENDERER`, plotly's ``"notebook"`` renderer (plotly.js inlined once) without
+      set by its extension) ``PAGE_RENDERER``, which leaves plotly.js to the page (one file per site);
+      elsewhere ``OFFLINE_RENDERER``, plotly's ``"notebook"`` renderer (plotly.js inlined once) without
       the MathJax script it would load from a CDN. ``$ATTNLENS_PLOTLY_RENDERER`` or ``renderer`` choose another;
     - library progress bars and deprecation notices quieted, so pages show only what the chapter prints.
 
@@ -250,7 +250,7 @@ def capture_settings(pipe, *, kind: str | None = "self", items: int = 1, num_inf
 
 
 def is_shapes_model(pipe) -> bool:
-    """Whether ``pipe`` is a model of the Shapes world, whose images the oracle (:mod:`attnlens.shapes.oracle`)
+    """Whether ``pipe`` is a model of the Shapes world, whose images the oracle (``attnlens.shapes.oracle``)
     can read: the embedded model, or a folder with its training record (``training.json``) beside
     ``model_index.json``. On any other model the chapters score with :class:`attnlens.CLIPMetrics` instead.
 
