@@ -2,8 +2,8 @@
 
 Each page of _toc.yml (or --pages) is converted as the build converts it (jupytext: MyST Markdown ->
 notebook) and executed as the build executes it (nbclient, a fresh kernel per page, run in the page's
-folder, ``$ATTNLENS_BOOK_BUILD`` set, ``$ATTNLENS_THREADS`` from --threads), and its wall time and its
-longest cell are recorded. Mode ``busy`` first starts one busy-loop process (a pure-Python ``while
+folder, ``$ATTNLENS_BOOK_BUILD`` set, ``$ATTNLENS_THREADS`` from --threads), and its wall time its
+cells' seconds (code cells numbered from 1; the longest named by its first line) are recorded. Mode ``busy`` first starts one busy-loop process (a pure-Python ``while
 True``) that holds one core for the whole mode, then stops it. ``--build`` also times one whole
 ``jupyter-book build --all`` (every chapter executed, no cache) per mode into a temporary folder.
 
@@ -93,11 +93,14 @@ def time_page(path: Path, timeout: int, env: dict[str, str]) -> dict:
         seconds = time.perf_counter() - t0
         os.environ.clear()
         os.environ.update(saved)
-    cells = [(i, _cell_seconds(c)) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
-    timed = [(i, s) for i, s in cells if s is not None]
-    longest = max(timed, key=lambda t: t[1]) if timed else (None, None)
-    return {"seconds": round(seconds, 2), "code_cells": len(cells), "longest_cell": longest[0],
-            "longest_cell_s": None if longest[1] is None else round(longest[1], 2), "error": error}
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    timed = [(k, _cell_seconds(c), c.source.strip().splitlines()[0][:80] if c.source.strip() else "")
+             for k, c in enumerate(code, start=1)]
+    timed = [t for t in timed if t[1] is not None]
+    longest = max(timed, key=lambda t: t[1]) if timed else (None, None, None)
+    return {"seconds": round(seconds, 2), "code_cells": len(code), "longest_cell": longest[0],
+            "longest_cell_starts": longest[2], "longest_cell_s": None if longest[1] is None else round(longest[1], 2),
+            "cell_seconds": [round(t[1], 2) for t in timed], "error": error}
 
 
 def time_build(env: dict[str, str], timeout: int) -> dict:
