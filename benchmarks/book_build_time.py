@@ -2,9 +2,10 @@
 
 Each page of _toc.yml (or --pages) is converted as the build converts it (jupytext: MyST Markdown ->
 notebook) and executed as the build executes it (nbclient, a fresh kernel per page, run in the page's
-folder, ``$ATTNLENS_BOOK_BUILD`` set, ``$ATTNLENS_THREADS`` from --threads), and its wall time its
-cells' seconds (code cells numbered from 1; the longest named by its first line) are recorded. Mode ``busy`` first starts one busy-loop process (a pure-Python ``while
-True``) that holds one core for the whole mode, then stops it. ``--build`` also times one whole
+folder, ``$ATTNLENS_BOOK_BUILD`` set, ``$ATTNLENS_THREADS`` from --threads); its wall time and each
+code cell's seconds are recorded (cells numbered from 1, the longest also named by its first line).
+Mode ``busy`` first starts one busy-loop process (a pure-Python ``while True``) that holds one core
+for the whole mode, then stops it. ``--build`` also times one whole
 ``jupyter-book build --all`` (every chapter executed, no cache) per mode into a temporary folder.
 
 Targets this checks (issue 21): the whole book in at most 600 s on 2 idle cores; no cell longer than
