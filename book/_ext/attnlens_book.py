@@ -25,7 +25,9 @@ environment at build time, so a clone builds without one.
 
 **Execution mode.** ``$ATTNLENS_BOOK_EXECUTE`` (``cache``, ``force``, ``auto``, ``off``) overrides
 ``execute_notebooks`` of _config.yml: scripts/book.sh passes ``force`` on CI (``CI=true``) and
-``cache`` (jupyter-cache: an unchanged chapter is not executed again) elsewhere.
+``cache`` (jupyter-cache: an unchanged chapter is not executed again) elsewhere. The cache lives in
+``_build/.jupyter_cache/<key>``, the key a digest of the attnlens sources, the recorded results, the
+embedded model's record and ``$ATTNLENS_MODEL``: change any of them and every chapter runs again.
 
 **Kernels know they are in the build.** ``$ATTNLENS_BOOK_BUILD`` is set for the executing kernels
 (they inherit the environment), so :func:`attnlens.viz.setup_notebook` picks the page renderer.
@@ -155,11 +157,29 @@ PLOTLY_JS = "plotly.min.js"
 
 def _execution_mode(app: Sphinx, config) -> None:
     mode = os.environ.get("ATTNLENS_BOOK_EXECUTE", "").strip()
-    if not mode:
-        return
-    if mode not in EXECUTION_MODES:
-        raise ValueError(f"$ATTNLENS_BOOK_EXECUTE must be one of {', '.join(EXECUTION_MODES)}, not {mode!r}")
-    config.nb_execution_mode = mode
+    if mode:
+        if mode not in EXECUTION_MODES:
+            raise ValueError(f"$ATTNLENS_BOOK_EXECUTE must be one of {', '.join(EXECUTION_MODES)}, not {mode!r}")
+        config.nb_execution_mode = mode
+    if config.nb_execution_mode == "cache":
+        # jupyter-cache keys a notebook by its code only: keep one cache per state of what else decides the
+        # outputs (the package, the recorded results, the model), so a stale output is never reused
+        config.nb_execution_cache_path = str(Path(app.outdir).parent / ".jupyter_cache" / _inputs_key(Path(app.srcdir)))
+
+
+def _inputs_key(root: Path) -> str:
+    """A short digest of the attnlens sources, the embedded model's record, the recorded results and
+    ``$ATTNLENS_MODEL``: what the chapters' outputs depend on besides their own code."""
+    import hashlib
+
+    digest = hashlib.sha256(os.environ.get("ATTNLENS_MODEL", "").encode())
+    files = sorted((root / "attnlens").rglob("*.py")) + sorted((root / "benchmarks" / "results").glob("*"))
+    files.append(root / "attnlens" / "models" / "shapes" / "training.json")
+    for f in files:
+        if f.is_file():
+            digest.update(str(f.relative_to(root)).encode())
+            digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _plotly_source() -> Path:
