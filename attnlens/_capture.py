@@ -1,9 +1,8 @@
-"""Capture attention maps with per-instance diffusers attention processors.
+"""Capture attention maps: :func:`capture` and its recording hook.
 
-:func:`capture` installs a :class:`HookedProcessor` on each selected layer with
-``unet.set_attn_processor`` and puts the exact original processor objects back on exit, after an
-exception too. The step index comes from the pipeline's own loop: a forward pre-hook on the UNet
-reads the timestep and finds it in ``pipe.scheduler.timesteps``. A layer's output is always computed
+:func:`capture` adds a recorder to the :class:`~attnlens._hooks.HookedProcessor` of each selected layer
+(:mod:`attnlens._hooks`) and removes exactly it on exit, after an exception too. The step index comes
+from the pipeline's own loop (the pipeline's shared step clock). A layer's output is always computed
 as diffusers' ``AttnProcessor2_0`` computes it (fused ``scaled_dot_product_attention``), so capture
 does not change the image; the map is computed beside it, in query chunks, only at selected steps.
 """
@@ -11,6 +10,7 @@ does not change the image; the map is computed beside it, in query chunks, only 
 from __future__ import annotations
 
 import contextlib
+import numbers
 from typing import Any, Iterator
 
 import torch
@@ -18,148 +18,11 @@ import torch.nn.functional as F
 
 from ._cache import AttentionCache
 from ._errors import AttnlensError
-from ._layers import LayerInfo, get_unet, layers as list_layers
+from ._hooks import StepClock, attach, attention_probs
+from ._layers import LayerInfo, layers as list_layers
 from ._select import Selector
 
-_CHUNK_ELEMENTS = 1 << 24  # fp32 scores per chunk: 64 MiB
 DEFAULT_BUDGET = 4 << 30
-
-
-class _Clock:
-    """Where the pipeline's loop is: step index, number of steps, CFG layout, latent size."""
-
-    def __init__(self, pipe: Any) -> None:
-        self.pipe = pipe
-        self.step = -1
-        self.n_steps = 0
-        self.cfg = False
-        self.latent_hw = (0, 0)
-        self.calls = 0
-        self.listeners: list = []
-
-    def pre_hook(self, module, args, kwargs) -> None:
-        sample = args[0] if args else kwargs["sample"]
-        t = args[1] if len(args) > 1 else kwargs["timestep"]
-        t = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
-        schedule = [float(x) for x in self.pipe.scheduler.timesteps]
-        hits = [i for i, x in enumerate(schedule) if x == t]
-        if not hits:
-            raise AttnlensError(f"timestep {t} is not in the scheduler's schedule; attnlens follows the pipeline's loop")
-        later = [i for i in hits if i >= self.step]
-        step = later[0] if later else hits[0]
-        if step < self.step:
-            raise AttnlensError("a capture context records one pipeline call: open a new `capture(...)` for each run")
-        self.step, self.n_steps = step, len(schedule)
-        self.cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
-        self.latent_hw = tuple(sample.shape[-2:])
-        first = self.calls == 0
-        self.calls += 1
-        for fn in self.listeners:
-            fn(first, sample.shape[0])
-
-
-class HookedProcessor:
-    """An attention processor that computes attention as ``AttnProcessor2_0`` and lets hooks see and steer it.
-
-    ``controllers`` (editing, :class:`attnlens.Controller`) may rewrite ``q, k, v`` (the output stays a fused
-    ``scaled_dot_product_attention``) or edit the attention map itself (then the map is materialised in
-    query chunks and multiplied by ``v``). ``hooks`` (capture) are objects with
-    ``on_attention(info, q, k, v, scale, edits)``, called after the output is computed, with the
-    rewritten ``q, k, v`` and the map edits in force, so a capture inside an edit records the maps used.
-    Shapes: q ``(batch, heads, queries, dim)``, k and v ``(batch, heads, keys, dim)``.
-    """
-
-    def __init__(self, info: LayerInfo, hooks: list, controllers: list | None = None) -> None:
-        self.info, self.hooks, self.controllers = info, hooks, list(controllers or [])
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-        batch, seq, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, seq, batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        edits = []
-        for ctrl in self.controllers:
-            query, key, value = ctrl._rewrite(self.info, query, key, value)
-            fn = ctrl._map_edit(self.info, batch)
-            if fn is not None:
-                edits.append(fn)
-        if edits:
-            out = explicit_attention(query, key, value, attn.scale, edits, attention_mask)
-        else:
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
-        for hook in self.hooks:
-            hook.on_attention(self.info, query, key, value, attn.scale, edits)
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
-
-
-def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, chunk_elements: int = _CHUNK_ELEMENTS,
-                    mask: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield ``(start, softmax(q[..., start:stop, :] k^T * scale))`` in fp32, query chunk by chunk.
-
-    ``q``: ``(batch, heads, queries, dim)``, ``k``: ``(batch, heads, keys, dim)``; each chunk is
-    ``(batch, heads, chunk, keys)`` with at most ``chunk_elements`` entries (64 MiB by default).
-    ``mask`` (optional) is an additive or boolean attention mask broadcastable to ``(batch, heads, queries, keys)``.
-    """
-    b, h, n, _ = q.shape
-    step = max(1, chunk_elements // max(1, b * h * k.shape[2]))
-    kt = k.float().transpose(-1, -2)
-    qs = q.float() * scale  # scaling q (dim wide) is cheaper than scaling the scores (keys wide)
-    for start in range(0, n, step):
-        scores = qs[:, :, start : start + step] @ kt
-        if mask is not None:
-            m = mask[..., start : start + step, :] if mask.shape[-2] > 1 else mask
-            scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
-        yield start, torch.softmax(scores, dim=-1)
-
-
-def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, edits: list,
-                       mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention with the map materialised chunk by chunk, each chunk passed through ``edits``.
-
-    Each edit is ``fn(start, probs) -> probs`` on a ``(batch, heads, chunk, keys)`` fp32 chunk of queries
-    ``start:start+chunk``. Returns ``(batch, heads, queries, dim)`` in ``v``'s dtype. Costs one fp32 chunk of
-    at most 64 MiB at a time, on top of the fused path.
-    """
-    vf = v.float()
-    outs = []
-    for start, probs in attention_probs(q, k, scale, mask=mask):
-        for fn in edits:
-            probs = fn(start, probs)
-        outs.append(probs @ vf)
-    return torch.cat(outs, dim=2).to(v.dtype)
-
-
-_KNOWN = ("AttnProcessor", "AttnProcessor2_0", "HookedProcessor")
 
 
 def _as_index(rows: list[int]) -> list[int] | slice:
@@ -172,9 +35,11 @@ def _as_index(rows: list[int]) -> list[int] | slice:
 class _Recorder:
     """The capture hook: stores maps of the selected items, steps and heads."""
 
-    def __init__(self, clock: _Clock, selector: Selector, cache: AttentionCache, store_dtype, reduce, resolution,
+    def __init__(self, selector: Selector, cache: AttentionCache, store_dtype: torch.dtype, reduce: str | None,
+                 resolution: int | None,
                  budget: int, chosen: list[LayerInfo]) -> None:
-        self.clock, self.sel, self.cache = clock, selector, cache
+        self.clock: StepClock | None = None
+        self.sel, self.cache = selector, cache
         self.dtype, self.reduce, self.resolution, self.budget = store_dtype, reduce, resolution, budget
         self.chosen = chosen
         self.steps: set[int] = set()
@@ -299,46 +164,19 @@ def capture(
     if reduce not in (None, "mean", "sum"):
         raise AttnlensError(f"reduce must be None, 'mean' or 'sum', not {reduce!r}")
     chosen = selector.match(list_layers(pipe))
-    clock = _Clock(pipe)
     tokenizer = getattr(pipe, "tokenizer", None)
     cache = AttentionCache({i.name: i for i in chosen}, tokenizer=tokenizer)
-    recorder = _Recorder(clock, selector, cache, dtype, reduce, store_resolution, budget, chosen)
-    clock.listeners.append(recorder.start)
+    cache._heads = (selector.heads if isinstance(selector.heads, str)
+                    else [int(h) if isinstance(h, numbers.Integral) else h for h in selector.heads])
+    recorder = _Recorder(selector, cache, dtype, reduce, store_resolution, budget, chosen)
+    recorder.clock, detach = attach(pipe, chosen, hook=recorder, listener=recorder.start)
     text = getattr(pipe, "text_encoder", None)
-    extra = [text.register_forward_pre_hook(cache._text_pre_hook, with_kwargs=True)] if text is not None else []
     try:
-        with hooked(pipe, clock, chosen, hook=recorder):
+        handle = text.register_forward_pre_hook(cache._text_pre_hook, with_kwargs=True) if text is not None else None
+        try:
             yield cache
+        finally:
+            if handle is not None:
+                handle.remove()
     finally:
-        for handle in extra:
-            handle.remove()
-
-
-@contextlib.contextmanager
-def hooked(pipe: Any, clock: _Clock, chosen: list[LayerInfo], hook: Any = None, controller: Any = None) -> Iterator[None]:
-    """Install :class:`HookedProcessor` s on ``chosen`` layers, adding ``hook`` and/or ``controller`` to any
-    already there (so contexts nest), with ``clock`` on the UNet; restore the exact original processors on exit.
-    """
-    unet = get_unet(pipe)
-    current = unet.attn_processors
-    for info in chosen:
-        name = type(current[f"{info.path}.processor"]).__name__
-        if name not in _KNOWN:
-            raise AttnlensError(
-                f"layer {info.name} uses the attention processor {name}; attnlens can hook {', '.join(_KNOWN[:2])} "
-                "(call pipe.unet.set_default_attn_processor() or unfuse QKV projections first)"
-            )
-    new = dict(current)
-    for info in chosen:
-        old = current[f"{info.path}.processor"]
-        hooks = list(old.hooks) if isinstance(old, HookedProcessor) else []
-        ctrls = list(old.controllers) if isinstance(old, HookedProcessor) else []
-        new[f"{info.path}.processor"] = HookedProcessor(info, hooks + ([hook] if hook is not None else []),
-                                                        ctrls + ([controller] if controller is not None else []))
-    handle = unet.register_forward_pre_hook(clock.pre_hook, with_kwargs=True)
-    unet.set_attn_processor(new)
-    try:
-        yield
-    finally:
-        unet.set_attn_processor(dict(current))  # set_attn_processor pops from the dict it is given
-        handle.remove()
+        detach()

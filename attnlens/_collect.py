@@ -1,4 +1,5 @@
-"""Collect attention features from a labelled prompt set, in memory or streamed to disk in shards.
+"""Collect attention features from a labelled prompt set (plan, generate, write), in memory or streamed to
+disk in shards. What is written and how it is read back lives in :mod:`attnlens._features`.
 
 A *site* is one captured map: ``(layer, step)``. A *feature* is what is read from a site:
 
@@ -25,6 +26,8 @@ shard is there. Under ``accelerate launch`` (or ``torchrun``) shard ``k`` is mad
 ``k % world_size`` and rank 0 writes the one merged index. On a machine without GPUs,
 ``accelerate launch --multi_gpu --num_processes 2 script.py`` starts the processes (its ``--cpu`` mode
 runs one process unless MPI is set up); ``torchrun --nproc_per_node 2 script.py`` works too.
+
+Imports capture, prompts, selection and the feature storage; imported by the package's front.
 """
 
 from __future__ import annotations
@@ -42,226 +45,42 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ._cache import AttentionCache
 from ._capture import capture
 from ._errors import AttnlensError, choices
-from ._layers import LayerInfo, LayerTable, layers as list_layers
+from ._features import FORMAT, SELF, Features, Key, _key_str, load_features, shard_path, site_name
+from ._identity import fingerprint
+from ._layers import LayerTable, layers as list_layers
+from ._prompts import token_weights, tokenize, words as prompt_words
 from ._select import Selector
 
-Key = tuple  # (feature, layer, step)
+__all__ = ["collect", "Features", "Key", "load_features", "site_name"]  # storage names kept importable from here
+
 WordSpec = Union[str, int, Sequence[Union[str, int]]]
-RESERVED = ("item", "prompt", "seed", "shard", "row")
-FORMAT = "attnlens-features/1"
-SELF = "self"
-
-
-def site_name(layer: str, step: int | None) -> str:
-    """``"layer@step"``, the name of a site in tables and figures."""
-    return f"{layer}@{'mean' if step is None else step}"
-
-
-def _key_str(key: Key) -> str:
-    feature, layer, step = key
-    return f"{feature}|{layer}|{'none' if step is None else step}"
-
-
-def _parse_key(s: str) -> Key:
-    feature, layer, step = s.rsplit("|", 2)
-    return (feature, layer, None if step == "none" else int(step))
-
-
-def _short(values: Sequence, n: int = 8) -> str:
-    values = list(values)
-    more = f", ... ({len(values)} in all)" if len(values) > n else ""
-    return choices(values[:n]) + more
-
-
-# ------------------------------------------------------------------------------------------ features
-class _Lazy(Mapping):
-    """Feature arrays produced on access (not held in memory)."""
-
-
-class _Rows(_Lazy):
-    """Some rows of another mapping's arrays, taken on access."""
-
-    def __init__(self, base: Mapping, rows: np.ndarray) -> None:
-        self.base, self.rows = base, rows
-
-    def __getitem__(self, key: Key) -> np.ndarray:
-        return np.asarray(self.base[key])[self.rows]
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.base
-
-    def __iter__(self) -> Iterator[Key]:
-        return iter(self.base)
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-
-class _ShardReader(_Lazy):
-    """Reads one feature key at a time from a shard directory (bounded memory)."""
-
-    def __init__(self, root: Path, shards: list[Path], keys: list[Key]) -> None:
-        self.root, self.shards, self._keys, self._set = root, shards, keys, set(keys)
-
-    def __getitem__(self, key: Key) -> np.ndarray:
-        from safetensors import safe_open
-
-        if key not in self._set:
-            raise KeyError(key)
-        parts = []
-        for path in self.shards:
-            with safe_open(str(path), framework="numpy") as f:
-                parts.append(f.get_tensor(_key_str(key)))
-        return np.concatenate(parts, axis=0)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._set
-
-    def __iter__(self) -> Iterator[Key]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-
-class Features:
-    """Attention features of a labelled set of generations, ready for scikit-learn.
-
-    Args:
-        X: ``{(feature, layer, step): array (n, d)}``, one matrix per feature and site; ``d`` may differ
-            between sites.
-        y: a DataFrame of ``n`` rows: the label columns, and optionally ``prompt`` and ``seed`` (used
-            for grouping).
-        groups: ``n`` group ids for grouped cross-validation; default: the prompt of each row.
-        layers: optional ``{name: LayerInfo}`` of the layers in ``X`` (lets :func:`attnlens.probe`
-            filter sites with a :class:`~attnlens.Selector`).
-        n_steps: the length of the denoising schedule (for fraction step ranges in a selector).
-
-    Attributes:
-        y: the labels (and ``prompt``, ``seed``) as a DataFrame, one row per generation.
-        groups: ``(n,)`` int array, the prompt id of each row (rows of one prompt share an id).
-        config: what :func:`collect` was asked for (empty for hand-made features).
-
-    ``features[feature, layer, step]`` is an ``(n, d)`` float32 array; :meth:`keys` lists them.
-
-    Example:
-        >>> import numpy as np, pandas as pd
-        >>> f = Features({("map", "mid.0.cross", 0): np.zeros((4, 16))},
-        ...              pd.DataFrame({"colour": ["red", "red", "blue", "blue"], "prompt": list("abcd")}))
-        >>> f["map", "mid.0.cross", 0].shape, f.labels, f.groups.tolist()
-        ((4, 16), ['colour'], [0, 1, 2, 3])
-    """
-
-    def __init__(self, X: Mapping[Key, np.ndarray], y: pd.DataFrame, groups: Sequence | None = None, *,
-                 layers: Mapping[str, LayerInfo] | None = None, n_steps: int | None = None,
-                 config: dict | None = None) -> None:
-        if not isinstance(y, pd.DataFrame):
-            raise AttnlensError(f"y must be a pandas DataFrame of labels (one row per sample), not {type(y).__name__}")
-        self.y = y.reset_index(drop=True)
-        self.X = X
-        self.layers = dict(layers or {})
-        self.n_steps = n_steps
-        self.config = dict(config or {})
-        n = len(self.y)
-        for key in list(X):
-            if not (isinstance(key, tuple) and len(key) == 3 and isinstance(key[0], str) and isinstance(key[1], str)):
-                raise AttnlensError(f"feature keys are (feature, layer, step) tuples, got {key!r}")
-        if not isinstance(X, _Lazy):
-            for key, arr in X.items():
-                if getattr(arr, "ndim", None) != 2:
-                    raise AttnlensError(f"features {key} must be a 2-d array (samples, features), got shape "
-                                        f"{getattr(arr, 'shape', type(arr).__name__)}")
-                if arr.shape[0] != n:
-                    raise AttnlensError(f"label and feature counts differ: features {key} have {arr.shape[0]} rows, "
-                                        f"the labels have {n}")
-        if groups is None:
-            groups = pd.factorize(self.y["prompt"])[0] if "prompt" in self.y else np.arange(n)
-        groups = np.asarray(groups)
-        if groups.shape != (n,):
-            raise AttnlensError(f"label and group counts differ: {groups.shape[0] if groups.ndim else 0} group ids "
-                                f"for {n} labelled rows")
-        self.groups = groups
-
-    # ------------------------------------------------------------------ access
-    def __getitem__(self, key: Key) -> np.ndarray:
-        if key not in self.X:
-            raise AttnlensError(f"no features for {key!r}: this set has (feature, layer, step) keys "
-                                f"{_short(self.keys())}")
-        return self.X[key]
-
-    def keys(self) -> list[Key]:
-        """The ``(feature, layer, step)`` keys, in collection order (layers in execution order)."""
-        return list(self.X)
-
-    @property
-    def features(self) -> list[str]:
-        """The feature names (word features and ``"self"``)."""
-        return list(dict.fromkeys(k[0] for k in self.X))
-
-    @property
-    def labels(self) -> list[str]:
-        """The label columns of :attr:`y` (everything but ``item``, ``prompt``, ``seed``, ``shard``, ``row``)."""
-        return [c for c in self.y.columns if c not in RESERVED]
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def xy(self, key: Key, attribute: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(X (n, d), y (n,), groups (n,))`` for one feature key and label column."""
-        if attribute not in self.labels:
-            raise AttnlensError(f"unknown attribute {attribute!r}; the labels are {choices(self.labels)}")
-        return self[key], self.y[attribute].to_numpy(), self.groups
-
-    def select(self, rows: Any) -> "Features":
-        """The features of some samples only: ``rows`` is a boolean mask of length ``n`` or indices.
-
-        Example: drop a rare class before probing, ``f.select(f.y["colour"] != "pink")``.
-        """
-        rows = np.asarray(rows)
-        if rows.dtype == bool:
-            if rows.shape != (len(self),):
-                raise AttnlensError(f"a boolean row mask needs {len(self)} entries, got {rows.shape[0] if rows.ndim else 0}")
-            rows = np.flatnonzero(rows)
-        rows = rows.astype(int)
-        if len(rows) and (rows.min() < -len(self) or rows.max() >= len(self)):
-            raise AttnlensError(f"row index out of range for {len(self)} samples")
-        X = _Rows(self.X, rows) if isinstance(self.X, _Lazy) else {k: v[rows] for k, v in self.X.items()}
-        return Features(X, self.y.iloc[rows], self.groups[rows], layers=self.layers, n_steps=self.n_steps,
-                        config=self.config)
-
-    def __repr__(self) -> str:
-        return (f"Features({len(self)} samples, {len(self.X)} keys, features {self.features}, labels {self.labels})")
 
 
 # ------------------------------------------------------------------------------------------ inputs
 def _table(data: Any, labels: Any, seeds: Any) -> tuple[pd.DataFrame, np.ndarray, int]:
     """One row per generation (``prompt``, ``seed``, label columns), the input row of each, the input count."""
-    from .shapes import Example, Scene, describe
-
     if isinstance(data, pd.DataFrame):
         if "prompt" not in data:
             raise AttnlensError(f"a DataFrame of prompts needs a 'prompt' column; it has {choices(data.columns)}")
         rows = data.reset_index(drop=True).copy()
     else:
-        if isinstance(data, (str, Scene, Example)):
+        if isinstance(data, str) or hasattr(data, "prompt_row"):
             data = [data]
         data = list(data)
         if not data:
             raise AttnlensError("no prompts given: pass a list of prompts, shapes Scenes or Examples, or a DataFrame")
         recs = []
         for i, d in enumerate(data):
-            if isinstance(d, Scene):
-                recs.append({"prompt": describe(d), **d.attributes()})
-            elif isinstance(d, Example):
-                recs.append({"prompt": d.prompt, **d.scene.attributes()})
+            if hasattr(d, "prompt_row"):  # a labelled prompt: shapes.Scene, shapes.Example, ...
+                recs.append(dict(d.prompt_row()))
             elif isinstance(d, str):
                 recs.append({"prompt": d})
             else:
                 raise AttnlensError(f"item {i} is a {type(d).__name__}; give prompts as str, shapes.Scene, "
-                                    "shapes.Example or a DataFrame with a 'prompt' column")
+                                    "shapes.Example (any object with prompt_row()) or a DataFrame with a 'prompt' "
+                                    "column")
         rows = pd.DataFrame(recs)
     if labels is not None:
         lab = labels if isinstance(labels, pd.DataFrame) else pd.DataFrame(dict(labels))
@@ -288,14 +107,6 @@ def _table(data: Any, labels: Any, seeds: Any) -> tuple[pd.DataFrame, np.ndarray
     rows.insert(1, "seed", np.tile(seeds, n_input))
     rows["prompt"] = rows["prompt"].astype(str)
     return rows, np.repeat(np.arange(n_input), len(seeds)), n_input
-
-
-def _tokens(pipe: Any, prompts: Sequence[str]) -> list[list[str]]:
-    tok = getattr(pipe, "tokenizer", None)
-    if tok is None:
-        raise AttnlensError("the pipeline has no tokenizer, so words cannot be found in the prompts")
-    ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
-    return [tok.convert_ids_to_tokens(row) for row in ids]
 
 
 def _resolve_words(words: Any, rows: pd.DataFrame, n_input: int, per_item: np.ndarray) -> dict[str, list]:
@@ -334,24 +145,16 @@ def _resolve_words(words: Any, rows: pd.DataFrame, n_input: int, per_item: np.nd
 
 def _token_weights(words: dict[str, list], tokens: list[list[str]], rows: pd.DataFrame) -> dict[str, np.ndarray]:
     """``{feature: (n_items, 77) float32}`` with 1 at the word's tokens; an error naming prompts without it."""
-    probe = AttentionCache({})
-    probe.tokens = tokens
     out = {}
     for name, per in words.items():
-        w = np.zeros((len(rows), len(tokens[0])), dtype=np.float32)
-        missing = []
-        for i, word in enumerate(per):
-            try:
-                w[i, probe.token_indices(word, prompt=i)] = 1.0
-            except AttnlensError:
-                missing.append(i)
+        w, missing = token_weights(tokens, per)
         if missing:
             i = missing[0]
             prompts = rows["prompt"].iloc[missing].unique()
             raise AttnlensError(
                 f"the word {per[i]!r} (feature {name!r}) is absent from {len(prompts)} of {rows['prompt'].nunique()} "
-                f"prompt(s), e.g. {rows['prompt'].iloc[i]!r} whose words are {probe.words(i)}. Pick a word every prompt "
-                "has, a '{label}' template (words='{shape}'), '<end>', or drop those prompts"
+                f"prompt(s), e.g. {rows['prompt'].iloc[i]!r} whose words are {[w for w, _ in prompt_words(tokens[i])]}. "
+                "Pick a word every prompt has, a '{label}' template (words='{shape}'), '<end>', or drop those prompts"
             )
         out[name] = w
     return out
@@ -367,19 +170,6 @@ class _Plan:
     steps: list[int]
     table: LayerTable
     config: dict
-
-
-def _fingerprint(pipe: Any) -> dict:
-    from ._layers import get_unet
-
-    unet = get_unet(pipe)
-    cfg = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
-    sums = [float(unet.conv_in.weight.detach().double().sum()), float(unet.conv_out.weight.detach().double().sum())]
-    text = getattr(pipe, "text_encoder", None)
-    if text is not None:
-        sums.append(float(next(text.parameters()).detach().double().sum()))
-    return {"unet_config": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16],
-            "weights": [f"{s:.5g}" for s in sums], "dtype": str(unet.dtype)}
 
 
 def _plan(pipe, data, labels, seeds, words, sites, resolution, self_grid, num_inference_steps, guidance_scale,
@@ -405,12 +195,12 @@ def _plan(pipe, data, labels, seeds, words, sites, resolution, self_grid, num_in
         raise AttnlensError("cross-attention sites are selected but words=None; name the word(s) to read, e.g. "
                             "words='{shape}' or words={'shape': '{shape}', 'end': '<end>'}")
     word_lists = _resolve_words(words, rows, n_input, per_item) if cross else {}
-    weights = _token_weights(word_lists, _tokens(pipe, rows["prompt"].tolist()), rows) if cross else {}
+    weights = _token_weights(word_lists, tokenize(getattr(pipe, "tokenizer", None), rows["prompt"].tolist()), rows) if cross else {}
     mk = lambda names: Selector(layers=names, steps=sel.steps, heads=sel.heads, branch=sel.branch) if names else None
     items_hash = hashlib.sha256(rows.to_csv(index=False).encode()).hexdigest()[:16]
     config = {
         "format": FORMAT,
-        "model": _fingerprint(pipe),
+        "model": fingerprint(pipe),
         "items": items_hash,
         "n_items": len(rows),
         "words": {k: (v if isinstance(v, (str, int)) else list(map(str, v))) for k, v in
@@ -432,6 +222,24 @@ def _plan(pipe, data, labels, seeds, words, sites, resolution, self_grid, num_in
 
 
 # ------------------------------------------------------------------------------------------ generation
+def _stop_after(pipe: Any, last: int, n_steps: int) -> dict[str, Any]:
+    """Pipeline keywords that end the denoising loop after step ``last`` (nothing later is read), or ``{}``
+    where the pipeline cannot be interrupted or every step is needed."""
+    import inspect
+
+    if last >= n_steps - 1 or not hasattr(type(pipe), "interrupt"):
+        return {}
+    if "callback_on_step_end" not in inspect.signature(pipe.__call__).parameters:
+        return {}
+
+    def stop(p: Any, i: int, t: Any, kwargs: dict) -> dict:
+        if i >= last:
+            p._interrupt = True  # diffusers' documented way to end the loop early: later steps are skipped
+        return {}
+
+    return {"callback_on_step_end": stop}
+
+
 def _generate(pipe, plan: _Plan, idx: np.ndarray, num_inference_steps, guidance_scale, pipe_kwargs, resolution,
               self_grid, image_labels) -> tuple[dict[Key, np.ndarray], list[dict]]:
     """Features of the generations ``idx`` (one pipeline call): ``{key: (len(idx), d)}`` and extra labels."""
@@ -442,9 +250,11 @@ def _generate(pipe, plan: _Plan, idx: np.ndarray, num_inference_steps, guidance_
             if plan.cross else None
         sc = stack.enter_context(capture(pipe, plan.self_, dtype=torch.float32, store_resolution=self_grid)) \
             if plan.self_ else None
+        extra_kw = _stop_after(pipe, plan.steps[-1], num_inference_steps) \
+            if image_labels is None and "callback_on_step_end" not in (pipe_kwargs or {}) else {}
         out = pipe(prompt=rows["prompt"].tolist(), num_inference_steps=num_inference_steps,
                    guidance_scale=guidance_scale, generator=gens,
-                   output_type="latent" if image_labels is None else "pil", **(pipe_kwargs or {}))
+                   output_type="latent" if image_labels is None else "pil", **extra_kw, **(pipe_kwargs or {}))
     feats: dict[Key, np.ndarray] = {}
     for cache in (c for c in (cc, sc) if c is not None):
         if sorted(cache.steps) != plan.steps:
@@ -480,10 +290,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _shard_path(root: Path, k: int) -> Path:
-    return root / "shards" / f"shard-{k:06d}.safetensors"
 
 
 def _write_shard(path: Path, feats: dict[Key, np.ndarray], items: np.ndarray, extra: list[dict], rank: int,
@@ -566,9 +372,10 @@ def collect(
     Args:
         pipe: a diffusers Stable Diffusion-family pipeline (:func:`attnlens.load_pipeline`).
         data: prompts with labels: a list of :class:`attnlens.shapes.Scene` (prompt: its canonical
-            description; labels: its five attributes), of :class:`~attnlens.shapes.Example`, of str
-            (labels from ``labels=``), or a DataFrame with a ``prompt`` column, label columns and
-            optionally a ``seed`` column (then one generation per row).
+            description; labels: its five attributes), of :class:`~attnlens.shapes.Example`, of any object
+            with a ``prompt_row()`` method returning ``{"prompt": ..., label: value, ...}`` (what those two
+            have), of str (labels from ``labels=``), or a DataFrame with a ``prompt`` column, label columns
+            and optionally a ``seed`` column (then one generation per row).
         words: the word whose cross-attention map is read: a word or phrase of the prompt, ``"<end>"``,
             ``"<start>"``, a token index, or a template over the labels (``"{shape}"`` reads each prompt's
             own shape word); or a dict ``{feature name: spec}`` to read several words from the same
@@ -587,7 +394,8 @@ def collect(
         resolution: downsample cross-attention maps to at most this grid side (``None``: the layer's grid).
         self_grid: side of the pooled query and key grids of the self-attention summary.
         image_labels: optional ``image -> {column: value}`` (for instance the Shapes oracle) run on each
-            generated image; its columns join the labels (the images are decoded only then).
+            generated image; its columns join the labels (the images are decoded only then). Without it, each
+            pipeline call stops after the last selected step: later steps would be read by nothing.
         pipe_kwargs: further keyword arguments of every pipeline call (``height``, ``negative_prompt``...).
         progress: show a progress bar.
 
@@ -648,7 +456,7 @@ def collect(
                     "n_shards": n_shards}
             _atomic_write_text(root / "config.json", json.dumps(meta, indent=1))
     barrier()
-    mine = [k for k in range(n_shards) if k % world == rank and not _shard_path(root, k).exists()]
+    mine = [k for k in range(n_shards) if k % world == rank and not shard_path(root, k).exists()]
     todo = np.concatenate([np.arange(k * shard_size, min(n, (k + 1) * shard_size)) for k in mine]) if mine else []
     bar = _bar(progress, len(todo), rank, f"collect (rank {rank})" if world > 1 else "collect")
     for k in mine:
@@ -663,7 +471,7 @@ def collect(
             extra += ex
             if bar is not None:
                 bar.update(len(idx))
-        _write_shard(_shard_path(root, k), {key: np.concatenate(v) for key, v in parts.items()}, idx_all, extra,
+        _write_shard(shard_path(root, k), {key: np.concatenate(v) for key, v in parts.items()}, idx_all, extra,
                      rank, world)
     if bar is not None:
         bar.close()
@@ -674,7 +482,7 @@ def collect(
     return load_features(root)
 
 
-def _bar(progress: bool, total: int, rank: int, desc: str):
+def _bar(progress: bool, total: int, rank: int, desc: str) -> Any:
     if not progress or total == 0:
         return None
     from tqdm.auto import tqdm
@@ -698,7 +506,7 @@ def _write_index(root: Path, rows: pd.DataFrame, n_shards: int, shard_size: int)
 
     extra, shard, row = [], [], []
     for k in range(n_shards):
-        path = _shard_path(root, k)
+        path = shard_path(root, k)
         with safe_open(str(path), framework="numpy") as f:
             items = f.get_tensor("__item__")
             meta = json.loads((f.metadata() or {})["attnlens"])
@@ -714,29 +522,3 @@ def _write_index(root: Path, rows: pd.DataFrame, n_shards: int, shard_size: int)
     _atomic_write_text(root / "index.csv", index.to_csv(index=False))
     for tmp in (root / "shards").glob(".*.tmp-*"):  # left by interrupted writers; nobody is writing now
         tmp.unlink(missing_ok=True)
-
-
-def load_features(path: str | os.PathLike) -> Features:
-    """Open a shard directory written by :func:`collect` (arrays are read from disk key by key).
-
-    Raises :class:`~attnlens.AttnlensError` for a directory that is not a complete collection, naming
-    the missing shards.
-    """
-    root = Path(path)
-    cfg_path = root / "config.json"
-    if not cfg_path.exists():
-        raise AttnlensError(f"{root} is not an attnlens feature directory (no config.json)")
-    meta = json.loads(cfg_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise AttnlensError(f"{root} is not an attnlens feature directory (format {meta.get('format')!r})")
-    shards = [_shard_path(root, k) for k in range(meta["n_shards"])]
-    missing = [p.name for p in shards if not p.exists()]
-    if missing or not (root / "index.csv").exists():
-        raise AttnlensError(f"the collection in {root} is incomplete: {len(missing)} of {len(shards)} shard(s) missing "
-                            f"({_short(missing, 4)}), no index.csv. Run collect(...) again with the same arguments "
-                            "to resume it")
-    index = pd.read_csv(root / "index.csv", keep_default_na=False)
-    keys = [_parse_key(s) for s in meta["keys"]]
-    y = index.drop(columns=["item", "shard", "row"])
-    return Features(_ShardReader(root, shards, keys), y, layers={n: LayerInfo.from_dict(d) for n, d in meta["layers"].items()},
-                    n_steps=meta["n_steps"], config=meta["collect"])

@@ -21,9 +21,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._errors import AttnlensError
+
+if TYPE_CHECKING:  # annotations only
+    import pandas as pd
+    from diffusers import UNet2DConditionModel
 
 _PATH = re.compile(
     r"^(?:(?P<part>down|up)_blocks\.(?P<block>\d+)|mid_block)\.attentions\.(?P<attn>\d+)"
@@ -64,7 +68,7 @@ class LayerInfo:
 class LayerTable(list):
     """A list of :class:`LayerInfo` that prints as a table and converts to pandas."""
 
-    def to_pandas(self):
+    def to_pandas(self) -> pd.DataFrame:
         import pandas as pd
 
         rows = []
@@ -84,7 +88,7 @@ class LayerTable(list):
         return self.to_pandas().to_html(index=False)
 
 
-def get_unet(obj: Any):
+def get_unet(obj: Any) -> UNet2DConditionModel:
     """The ``UNet2DConditionModel`` of a pipeline (or the UNet itself); a clear error otherwise."""
     from diffusers import UNet2DConditionModel
 

@@ -92,10 +92,10 @@ def _installed_results() -> Path | None:
 def results_dir(needs: str | None = None) -> Path:
     """The folder of recorded benchmark results the chapters read (``benchmarks/results/`` of the repository).
 
-    Looked for, in order: beside the imported package (a clone, installed with ``pip install -e .`` or on
-    ``PYTHONPATH``); the ``attnlens.results`` package data a ``pip install`` of the wheel ships (the same
-    files, copied at build time); the current folder and its parents. ``needs`` names a file that must be
-    in the folder.
+    Looked for, in order: the ``attnlens.results`` package data a ``pip install`` of the wheel ships (the
+    same files, copied at build time, beside the package's modules); ``benchmarks/results`` in the current
+    folder and its parents (a clone: the book runs its chapters from ``book/``, tests from the root). The
+    package never looks above its own folder. ``needs`` names a file that must be in the folder.
 
     Raises:
         FileNotFoundError: no such folder (or none holding ``needs``); the message says where it looked.
@@ -105,19 +105,17 @@ def results_dir(needs: str | None = None) -> Path:
         True
     """
     here = Path.cwd()
-    candidates = [Path(__file__).resolve().parents[1] / "benchmarks" / "results"]
     installed = _installed_results()
-    if installed is not None:
-        candidates.append(installed)
+    candidates = [installed] if installed is not None else []
     candidates += [base / "benchmarks" / "results" for base in (here, *here.parents)]
     for folder in candidates:
         if folder.is_dir() and (needs is None or (folder / needs).is_file()):
             return folder
     what = "benchmarks/results/" + (needs or "")
     raise FileNotFoundError(
-        f"{what} not found beside the attnlens package, in its installed results (attnlens.results), in {here} or "
-        "its parents: install attnlens from a wheel or clone built from a release that records it "
-        "(pip install 'attnlens[book]'), or run the benchmark that writes the file")
+        f"{what} not found in the installed results (attnlens.results) or in {here} or its parents: install "
+        "attnlens from a wheel (it ships the recorded results), run from inside a clone, or run the benchmark "
+        "that writes the file")
 
 
 def _register_renderers() -> None:
@@ -237,8 +235,8 @@ def capture_settings(pipe, *, kind: str | None = "self", items: int = 1, num_inf
 
     smallest = None
     for option in options:
-        rec = _Recorder(SimpleNamespace(latent_hw=latent), sel, None, torch.float16, option.get("reduce"),
-                        option.get("store_resolution"), budget, chosen)
+        rec = _Recorder(sel, None, torch.float16, option.get("reduce"), option.get("store_resolution"), budget, chosen)
+        rec.clock = SimpleNamespace(latent_hw=latent)
         rec.steps = sel.step_indices(num_inference_steps)
         rec.rows = [None] * items
         need = sum(rec._bytes(info) for info in chosen)

@@ -5,52 +5,49 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from ._errors import AttnlensError
+from ._identity import HeaderError, safetensors_header
 
 EMBEDDED_MODEL = Path(__file__).parent / "models" / "shapes"
 """Where the embedded Shapes model lives (a diffusers folder)."""
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
-_MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+
+
+def _recorded_rebuild(record: Path) -> list[tuple[str, str]]:
+    """The ``(command, note)`` pairs a Shapes export's ``training.json`` records under ``"rebuild"`` (written by
+    the repository's training tool, ``python -m tools.shapes_model.train export`` or ``card``); ``[]`` when the
+    record is missing, damaged or has none. ``{out}`` in a command stands for the model folder."""
+    try:
+        rows = json.loads(record.read_text()).get("rebuild")
+        return [(str(r["command"]), str(r.get("note") or "")) for r in rows]
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, KeyError, TypeError):
+        return []
 
 
 def _rebuild_hint(folder: Path) -> str:
-    """How to get a sound copy of ``folder`` back: the training commands for a Shapes export, else re-saving."""
+    """How to get a sound copy of ``folder`` back: the rebuild commands its ``training.json`` records for a
+    Shapes export, else re-saving."""
     embedded = folder.resolve() == EMBEDDED_MODEL.resolve()
     record = folder / "training.json"
     if not embedded and not record.is_file():
         return ("Download the model again, or re-save it with "
                 "`pipe.save_pretrained(folder, safe_serialization=True)`.")
-    try:
-        meta = json.loads(record.read_text())
-        meta = meta if isinstance(meta, dict) else {}
-    except (OSError, UnicodeDecodeError, ValueError):
-        meta = {}
-    vae = meta.get("vae") if isinstance(meta.get("vae"), dict) else {}
-    vae_steps, seed = vae.get("step", "STEPS"), meta.get("seed", 0)
-    from .shapes.card import unet_commands
-
-    try:  # the recipe options that differ from a new run's defaults, one command per schedule
-        unet = unet_commands({**meta, "config": meta.get("config") if isinstance(meta.get("config"), dict) else {},
-                              "unet_step": meta.get("unet_step", "STEPS")}, seed)
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError):  # a damaged record: the plain command
-        unet = [(f"python -m attnlens.shapes.train unet --workdir runs/shapes --steps STEPS --seed {seed}", "")]
-    unet_text = ", then ".join(f"`{c}`" + (f" ({n})" if n else "") for c, n in unet)
     out = "attnlens/models/shapes" if embedded else str(folder)
-    restore = "Restore the shipped copy with `git checkout -- attnlens/models/shapes`, or rebuild it: " if embedded \
-        else "Rebuild it: "
-    return (f"{restore}`python -m attnlens.shapes.train vae --workdir runs/shapes --steps {vae_steps} --seed {seed}`, "
-            f"then {unet_text}, "
-            "then "
-            f"`python -m attnlens.shapes.train export --workdir runs/shapes --out {out}` (training resumes from "
-            "the checkpoints in runs/shapes if they are still there).")
+    restore = "Restore the shipped copy with `git checkout -- attnlens/models/shapes`, or rebuild it" if embedded \
+        else "Rebuild it"
+    commands = _recorded_rebuild(record)
+    if not commands:
+        return (f"{restore} with the Shapes training tool of a source checkout (`python -m tools.shapes_model.train "
+                "--help`; this folder's training.json records no rebuild commands).")
+    steps = ", then ".join(f"`{c.replace('{out}', out)}`" + (f" ({n})" if n else "") for c, n in commands)
+    return f"{restore}: {steps} (training resumes from the checkpoints in runs/shapes if they are still there)."
 
 
 def _safetensors_problem(path: Path) -> str | None:
@@ -60,21 +57,10 @@ def _safetensors_problem(path: Path) -> str | None:
     read the tensor data.
     """
     size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if head.startswith(b"version "):
-            return "is a Git LFS pointer, not the weights (run `git lfs pull`)"
-        if len(head) < 8:
-            return f"is truncated ({size} bytes: not even a safetensors header)"
-        n = struct.unpack("<Q", head)[0]
-        if n > _MAX_HEADER or n > size - 8:
-            return f"is truncated or not a safetensors file (header length {n} does not fit in {size} bytes)"
-        try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            return "is not a safetensors file (its header is not valid JSON)"
-    if not isinstance(header, dict):
-        return "is not a safetensors file (its header is not a JSON object)"
+    try:
+        n, header = safetensors_header(path)
+    except HeaderError as exc:
+        return str(exc)
     end = 0
     for name, t in header.items():
         if name == "__metadata__":
@@ -103,12 +89,12 @@ def check_model_folder(folder: str | os.PathLike) -> None:
 
     Every component listed in ``model_index.json`` must have its folder, parseable JSON files and, for
     a model (a folder with ``config.json``), safetensors weights that are complete. When the folder's
-    ``training.json`` (written by ``python -m attnlens.shapes.train export``) records SHA-256 sums of the
+    ``training.json`` (written by ``python -m tools.shapes_model.train export``) records SHA-256 sums of the
     weights, they are compared too. The message says how to rebuild or restore the folder.
     """
     folder = Path(folder)
 
-    def fail(path: Path, problem: str):
+    def fail(path: Path, problem: str) -> NoReturn:
         raise AttnlensError(f"cannot load the model in {folder}: {path} {problem}. {_rebuild_hint(folder)}")
 
     index = folder / "model_index.json"
@@ -158,7 +144,8 @@ def check_model_folder(folder: str | os.PathLike) -> None:
                 fail(path, "is corrupt (its SHA-256 differs from the one training.json recorded at export)")
 
 
-def default_device_dtype(device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+def default_device_dtype(device: str | torch.device | None = None,
+                         dtype: torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
     """CUDA in fp16 when available, else CPU in fp32 (either can be given explicitly)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -195,7 +182,8 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.de
     if local.resolve() == EMBEDDED_MODEL.resolve() and not (local / "model_index.json").exists():
         raise AttnlensError(
             f"the embedded Shapes model is not in {EMBEDDED_MODEL} yet. Train and export it with "
-            "`python -m attnlens.shapes.train vae|unet|export --out attnlens/models/shapes`, or pass a hub id or "
+            "`python -m tools.shapes_model.train vae|unet|export --out attnlens/models/shapes` (a source checkout's "
+            "training tool), or pass a hub id or "
             "a local diffusers folder (or set ATTNLENS_MODEL)."
         )
     if local.is_dir():

@@ -9,6 +9,7 @@ from typing import Callable, Sequence, Union
 
 from ._errors import AttnlensError, choices
 from ._layers import LayerInfo, LayerTable
+from ._prompts import batch_row
 
 LayerSpec = Union[None, str, Sequence[str], Callable[[LayerInfo], bool]]
 StepSpec = Union[None, int, Sequence[int], slice, tuple[float, float]]
@@ -129,9 +130,5 @@ class Selector:
         bad = [p for p in prompts if not 0 <= p < per]
         if bad:
             raise AttnlensError(f"prompt index(es) {bad} out of range: the batch has {per} prompt(s)")
-        rows = []
-        if cfg and self.branch in ("uncond", "both"):
-            rows += [(p, "uncond", p) for p in prompts]
-        if self.branch in ("cond", "both"):
-            rows += [((per if cfg else 0) + p, "cond", p) for p in prompts]
-        return rows
+        branches = [b for b in ("uncond", "cond") if self.branch in (b, "both") and (cfg or b == "cond")]
+        return [(batch_row(p, b, per, cfg), b, p) for b in branches for p in prompts]

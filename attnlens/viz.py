@@ -349,7 +349,8 @@ def word_grid(cache: "AttentionCache", image: Image.Image, words: Sequence[str] 
               layers: Sequence[str] | None = None, steps: Sequence[int] | None = None, tile: int = 128,
               columns: int | None = None) -> Image.Image:
     """The image, then each word's map (default: every word of the prompt) beside it, averaged over
-    ``layers`` and ``steps``, on one shared scale with its colour bar on the right.
+    ``layers`` (default: :meth:`~attnlens.AttentionCache.word_map`'s, the finest captured level) and
+    ``steps``, on one shared scale with its colour bar on the right.
     """
     words = list(cache.words(prompt) if words is None else words)
     heats = [cache.word_map(w, prompt, layers=layers, steps=steps) for w in words]

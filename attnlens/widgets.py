@@ -147,12 +147,13 @@ class AttentionExplorer(w.VBox):
         if self._updating or self.cache is None or self.word.value is None:
             return
         steps = None if self.step.value == ALL else [self.step.value]
-        layers = None if self.layer.value == ALL else [self.layer.value]
+        every = [n for n, i in self.cache.layers.items() if i.kind == "cross"]
+        layers = every if self.layer.value == ALL else [self.layer.value]
         heat = self.cache.word_map(self.word.value, layers=layers, steps=steps)
         scale = (0.0, max(float(heat.max()), 1e-12))  # attention is a probability: the bar starts at 0
         self.overlay.value = _png(overlay(self.generated, heat, scale=scale), self.tile)
         self.heat.value = _png_keep(with_colour_bar(as_image(heat, size=self.tile, scale=scale), scale))
-        where = "all cross-attention layers" if layers is None else layers[0]
+        where = "all cross-attention layers" if self.layer.value == ALL else layers[0]
         when = f"all {len(self.cache.steps)} steps" if steps is None else f"step {steps[0]}"
         self.caption.value = (f"<code>{html.escape(self.word.value)}</code> in “{html.escape(self.prompt.value)}” "
                               f"(seed {self.seed.value}): {html.escape(where)}, {when}, map {heat.shape[0]}x{heat.shape[1]}")

@@ -16,10 +16,10 @@ the busy program takes, not 10x.
 Run it on an otherwise idle machine (the timings mean nothing under other load); it writes
 benchmarks/results/book_build_time.json (or --out):
 
-    .venv-book/bin/python benchmarks/book_build_time.py                       # every page, idle and busy
-    .venv-book/bin/python benchmarks/book_build_time.py --build               # + whole-build times
-    .venv-book/bin/python benchmarks/book_build_time.py --pages book/02_unet_anatomy --modes idle --out /tmp/t.json
-    ATTNLENS_THREADS=2 .venv-book/bin/python benchmarks/book_build_time.py   # or --threads 2
+    .venv-book/bin/python -m benchmarks.book_build_time                      # every page, idle and busy
+    .venv-book/bin/python -m benchmarks.book_build_time --build              # + whole-build times
+    .venv-book/bin/python -m benchmarks.book_build_time --pages book/02_unet_anatomy --modes idle --out /tmp/t.json
+    ATTNLENS_THREADS=2 .venv-book/bin/python -m benchmarks.book_build_time  # or --threads 2
 """
 
 from __future__ import annotations
@@ -43,12 +43,9 @@ MODES = ("idle", "busy")
 
 def toc_pages() -> list[str]:
     """The pages of _toc.yml in order (without extension), through scripts/check_book.py's reader."""
-    import importlib.util
+    from scripts.check_book import toc_pages as read_toc
 
-    spec = importlib.util.spec_from_file_location("check_book", ROOT / "scripts" / "check_book.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.toc_pages(ROOT / "_toc.yml")
+    return read_toc(ROOT / "_toc.yml")
 
 
 def page_file(page: str) -> Path:
@@ -159,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--modes takes {', '.join(MODES)}, got {args.modes!r}")
     pages = args.pages or [p for p in toc_pages() if is_executable(page_file(p))]
     files = {p: page_file(p) for p in pages}
-    sys.path.insert(0, str(ROOT))
     from attnlens._notebook import default_threads
 
     threads = args.threads or default_threads()

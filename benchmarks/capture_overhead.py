@@ -23,9 +23,9 @@ Models (``--arch``):
 
 Writes benchmarks/results/capture_overhead.json (``--arch sd15``: capture_overhead_sd15.json).
 
-    python benchmarks/capture_overhead.py                 # embedded model if present, else the tiny test pipeline
-    python benchmarks/capture_overhead.py --model PATH    # any local diffusers folder or hub id
-    python benchmarks/capture_overhead.py --arch sd15     # on a GPU: SD 1.5 at 512x512, fp16, random weights
+    python -m benchmarks.capture_overhead                 # embedded model if present, else the tiny test pipeline
+    python -m benchmarks.capture_overhead --model PATH    # any local diffusers folder or hub id
+    python -m benchmarks.capture_overhead --arch sd15     # on a GPU: SD 1.5 at 512x512, fp16, random weights
 """
 
 from __future__ import annotations
@@ -44,13 +44,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
+import attnlens
+from attnlens._pipeline import EMBEDDED_MODEL
+from attnlens._testing import tiny_pipeline
 
-import attnlens  # noqa: E402
-from attnlens._pipeline import EMBEDDED_MODEL  # noqa: E402
-from attnlens._testing import tiny_pipeline  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # Stable Diffusion 1.5's published component configurations (UNet, VAE, CLIP ViT-L/14 text encoder).
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4,
@@ -246,7 +244,7 @@ def main() -> None:
         "peak_rss_mib_timing_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "target_cross_ratio": 1.15,
         "load_average_1min_before": load_before,
-        "command": " ".join(["python benchmarks/capture_overhead.py", *sys.argv[1:]]),
+        "command": " ".join(["python -m benchmarks.capture_overhead", *sys.argv[1:]]),
     }
     key = "peak_gpu_mib" if cuda else "peak_rss_mib"
     rise = "peak_gpu_over_loaded_mib" if cuda else "peak_over_loaded_mib"

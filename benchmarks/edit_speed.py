@@ -5,9 +5,9 @@ Measures, interleaved over --repeats rounds (median wall time): plain generation
 through the explicit-map reference path; and DDIM inversion time per step. Target: the fused ``fpe``
 edit at most 1.10x plain generation. Writes benchmarks/results/edit_speed.json (or --out).
 
-    python benchmarks/edit_speed.py                 # embedded Shapes model (or $ATTNLENS_MODEL)
-    python benchmarks/edit_speed.py --model PATH    # any local diffusers folder or hub id
-    python benchmarks/edit_speed.py --arch sd15     # SD 1.5 UNet architecture, random weights (GPU: fp16 512x512)
+    python -m benchmarks.edit_speed                 # embedded Shapes model (or $ATTNLENS_MODEL)
+    python -m benchmarks.edit_speed --model PATH    # any local diffusers folder or hub id
+    python -m benchmarks.edit_speed --arch sd15     # SD 1.5 UNet architecture, random weights (GPU: fp16 512x512)
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def main() -> None:
         "target": "fpe fused <= 1.10x plain", "meets_target": med["fpe fused"] / base <= 1.10,
         "load_average_before": load_before, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(), "torch": torch.__version__,
-        "command": "python benchmarks/edit_speed.py" + (f" --arch {args.arch}" if args.arch != "model" else ""),
+        "command": "python -m benchmarks.edit_speed" + (f" --arch {args.arch}" if args.arch != "model" else ""),
     }
     if pipe.device.type == "cuda":
         result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()

@@ -7,11 +7,11 @@ a per-channel colour shift of sd 5 and pixel noise of sd 3). Prints a table and 
 
 Usage::
 
-    python benchmarks/oracle_accuracy.py [--n 2000] [--seed 31337]
+    python -m benchmarks.oracle_accuracy [--n 2000] [--seed 31337]
 
 Example (a quick run that writes elsewhere):
     >>> import subprocess, sys  # doctest: +SKIP
-    >>> subprocess.run([sys.executable, "benchmarks/oracle_accuracy.py", "--n", "50",
+    >>> subprocess.run([sys.executable, "-m", "benchmarks.oracle_accuracy", "--n", "50",
     ...                 "--out", "/tmp/oracle.json"], check=True)  # doctest: +SKIP
 """
 
@@ -27,12 +27,10 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
+from attnlens.shapes import ATTRIBUTES, iter_scenes, render
+from attnlens.shapes import oracle
 
-from attnlens.shapes import ATTRIBUTES, iter_scenes, render  # noqa: E402
-from attnlens.shapes import oracle  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_SEED = 31_337
 DEFAULT_N = 2_000
@@ -114,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         "sklearn_import_seconds": round(import_seconds, 3),
         "conditions": results,
         "versions": {"python": platform.python_version(), "numpy": np.__version__, "sklearn": sklearn.__version__},
-        "command": " ".join(["python benchmarks/oracle_accuracy.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python -m benchmarks.oracle_accuracy", *(argv if argv is not None else sys.argv[1:])]),
     }
 
     keys = tuple(ATTRIBUTES)

@@ -7,8 +7,8 @@ one layer at one step), streamed to a shard directory. The probes are the defaul
 logistic regression, 5 prompt-grouped folds, with the shuffled-label control) decoding the shape.
 Writes benchmarks/results/probing_speed.json (probing_speed_quick.json with --quick).
 
-    python benchmarks/probing_speed.py                  # the embedded model ($ATTNLENS_MODEL or attnlens/models/shapes)
-    python benchmarks/probing_speed.py --model runs/draft-shapes --quick
+    python -m benchmarks.probing_speed                  # the embedded model ($ATTNLENS_MODEL or attnlens/models/shapes)
+    python -m benchmarks.probing_speed --model runs/draft-shapes --quick
 """
 
 from __future__ import annotations

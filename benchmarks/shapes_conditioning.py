@@ -17,8 +17,8 @@ whether the model does not condition on it at all (a gap that stays at zero).
 
 Writes ``benchmarks/results/shapes_conditioning.json``.
 
-    python benchmarks/shapes_conditioning.py                  # the embedded model
-    python benchmarks/shapes_conditioning.py --model DIR --out /tmp/cond.json
+    python -m benchmarks.shapes_conditioning                  # the embedded model
+    python -m benchmarks.shapes_conditioning --model DIR --out /tmp/cond.json
 """
 
 from __future__ import annotations
@@ -27,20 +27,17 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import attnlens
+from attnlens import shapes
+from tools.shapes_model.card import fingerprint
 
-import attnlens  # noqa: E402
-from attnlens import shapes  # noqa: E402
-from attnlens.shapes.card import fingerprint  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TIMESTEPS = (999, 900, 800, 600, 400, 200)
 SEED = 31
@@ -107,7 +104,7 @@ def main() -> None:
     results = {a: gaps(pipe, a, args.n, SEED) for a in shapes.ATTRIBUTES}
     folder = args.model or os.environ.get("ATTNLENS_MODEL")
     record = {
-        "command": "python benchmarks/shapes_conditioning.py" + (f" --model {args.model}" if args.model else ""),
+        "command": "python -m benchmarks.shapes_conditioning" + (f" --model {args.model}" if args.model else ""),
         "model": str(folder or "embedded Shapes model"),
         "model_fingerprint": fingerprint(folder or attnlens._pipeline.EMBEDDED_MODEL),
         "n_per_attribute": args.n, "seed": SEED, "timesteps": list(TIMESTEPS),

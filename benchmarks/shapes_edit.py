@@ -6,8 +6,8 @@ Writes to benchmarks/results/ (or --out):
   shapesedit.json           settings, versions and timing
   shapesedit_examples.png   source and each method's edit for one pair per kind (generated track)
 
-    python benchmarks/shapes_edit.py                  # 12 pairs per kind, both tracks, embedded model
-    python benchmarks/shapes_edit.py --seeds 2 --track generated --out /tmp/se   # a quick slice
+    python -m benchmarks.shapes_edit                  # 12 pairs per kind, both tracks, embedded model
+    python -m benchmarks.shapes_edit --seeds 2 --track generated --out /tmp/se   # a quick slice
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def main() -> None:
             "steps": args.steps, "guidance": args.guidance, "seeds": args.seeds, "real_seeds": args.real_seeds,
             "methods": list(METHODS), "edits": len(df), "seconds": time.perf_counter() - t0,
             "platform": platform.platform(),
-            "command": f"python benchmarks/shapes_edit.py --seeds {args.seeds} --real-seeds {args.real_seeds} "
+            "command": f"python -m benchmarks.shapes_edit --seeds {args.seeds} --real-seeds {args.real_seeds} "
                        f"--track {args.track} --steps {args.steps} --guidance {args.guidance}"}
     (args.out / "shapesedit.json").write_text(json.dumps(meta, indent=1))
     if examples:

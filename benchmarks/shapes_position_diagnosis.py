@@ -44,8 +44,8 @@ A diagnostic for the model card and for whoever trains the next model: it does n
 
 Writes ``benchmarks/results/shapes_position_diagnosis.json``.
 
-    python benchmarks/shapes_position_diagnosis.py                  # the embedded model
-    python benchmarks/shapes_position_diagnosis.py --model DIR --out /tmp/diag.json
+    python -m benchmarks.shapes_position_diagnosis                  # the embedded model
+    python -m benchmarks.shapes_position_diagnosis --model DIR --out /tmp/diag.json
 """
 
 from __future__ import annotations
@@ -54,21 +54,18 @@ import argparse
 import itertools
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import attnlens
+from attnlens import shapes
+from attnlens.shapes._world import POSITION_PHRASES
+from tools.shapes_model.card import fingerprint
 
-import attnlens  # noqa: E402
-from attnlens import shapes  # noqa: E402
-from attnlens.shapes._world import POSITION_PHRASES  # noqa: E402
-from attnlens.shapes.card import fingerprint  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TIMESTEPS = (999, 800, 500)
 TEMPLATES = {  # one value swapped, everything else fixed
@@ -248,7 +245,7 @@ def main() -> None:
     detect = latent_detectability(pipe, 64, args.seed)
     shares = mean_image_shares(pipe, args.scenes, args.seed)
     record = {
-        "command": "python benchmarks/shapes_position_diagnosis.py" + (f" --model {args.model}" if args.model else ""),
+        "command": "python -m benchmarks.shapes_position_diagnosis" + (f" --model {args.model}" if args.model else ""),
         "model": str(args.model or "embedded Shapes model"),
         "model_fingerprint": fingerprint(args.model or os.environ.get("ATTNLENS_MODEL")
                                          or attnlens._pipeline.EMBEDDED_MODEL),

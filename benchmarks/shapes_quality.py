@@ -32,9 +32,9 @@ Writes ``benchmarks/results/shapes_quality.json`` (every figure, each target and
 
 Usage::
 
-    python benchmarks/shapes_quality.py                          # the embedded model (or $ATTNLENS_MODEL)
-    python benchmarks/shapes_quality.py --model runs/draft-shapes --quick
-    python benchmarks/shapes_quality.py --guidance 5.0
+    python -m benchmarks.shapes_quality                          # the embedded model (or $ATTNLENS_MODEL)
+    python -m benchmarks.shapes_quality --model runs/draft-shapes --quick
+    python -m benchmarks.shapes_quality --guidance 5.0
 """
 
 from __future__ import annotations
@@ -54,15 +54,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
+import attnlens
+from attnlens._pipeline import EMBEDDED_MODEL, _dtype_kwarg
+from attnlens.shapes import ATTRIBUTES, describe, iter_scenes, render, sample_scene
+from attnlens.shapes import oracle
+from tools.shapes_model.card import fingerprint
 
-import attnlens  # noqa: E402
-from attnlens._pipeline import EMBEDDED_MODEL, _dtype_kwarg  # noqa: E402
-from attnlens.shapes import ATTRIBUTES, describe, iter_scenes, render, sample_scene  # noqa: E402
-from attnlens.shapes import oracle  # noqa: E402
-from attnlens.shapes.card import fingerprint  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 LIST_VERSION = 1
 """Bump when :func:`prompt_list` changes; recorded with the list's SHA-256 in the results."""
@@ -380,7 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {args.threads} torch threads",
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "diffusers": diffusers.__version__, "sklearn": sklearn.__version__},
-        "command": " ".join(["python benchmarks/shapes_quality.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python -m benchmarks.shapes_quality", *(argv if argv is not None else sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
     print_table(report)

@@ -11,7 +11,7 @@ UNet's ``encoder_hidden_states`` (77 x width):
   mixing between tokens and no position embedding;
 - ``clip_table_start``: the same ``CLIPTextModel`` started as a word table and kept one for its first
   ``--table-steps`` steps, then trained for ``--steps`` more (the training recipe's ``--text-table-steps``,
-  see ``attnlens.shapes.train.start_as_word_table``): its position embedding and the output projections
+  see ``tools.shapes_model.train.start_as_word_table``): its position embedding and the output projections
   of its attention and MLP start at zero and its transformer layers stay frozen, so no token's state
   mixes in another's until the layers start to train (the position embedding trains from zero, as in
   the recipe, adding where the token sits to its word).
@@ -26,8 +26,8 @@ CLIP encoder keeps passing position words on once its layers train after startin
 A diagnostic for whoever trains the next model; it does not enter the quality bar. Writes
 ``benchmarks/results/shapes_text_path.json``.
 
-    python benchmarks/shapes_text_path.py                     # ~25 minutes on 2 cores
-    python benchmarks/shapes_text_path.py --steps 300 --out /tmp/text_path.json
+    python -m benchmarks.shapes_text_path                     # ~25 minutes on 2 cores
+    python -m benchmarks.shapes_text_path --steps 300 --out /tmp/text_path.json
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -43,15 +42,13 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import attnlens  # noqa: E402
-from attnlens import shapes  # noqa: E402
-from attnlens.shapes.card import TEXT_PATH_INPUTS, fingerprint  # noqa: E402
-from attnlens.shapes.train import (  # noqa: E402
+import attnlens
+from attnlens import shapes
+from tools.shapes_model.card import TEXT_PATH_INPUTS, fingerprint
+from tools.shapes_model.train import (
     TINY_UNET, UNetConfig, _lr_lambda, _text_layers, build_text_encoder, build_unet, start_as_word_table)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 T = 999
 SWAPPED = ("position", "colour", "shape")
@@ -195,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     arms = {arm: train_arm(arm, cfg, pipe, data, held, args.steps, args.eval_every, args.seed, args.table_steps)
             for arm in ARMS}
     record = {
-        "command": "python benchmarks/shapes_text_path.py" + (f" --steps {args.steps}" if args.steps != 200 else "")
+        "command": "python -m benchmarks.shapes_text_path" + (f" --steps {args.steps}" if args.steps != 200 else "")
                    + (f" --table-steps {args.table_steps}" if args.table_steps != TABLE_STEPS else ""),
         "vae_of": str(args.model or "embedded Shapes model"),
         "model_fingerprint": fingerprint(args.model or attnlens._pipeline.EMBEDDED_MODEL) if not args.tiny else None,

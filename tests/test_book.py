@@ -7,21 +7,18 @@ every number in its prose from the build (glue), not from the keyboard.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
 
+from scripts import check_book
+
 yaml = pytest.importorskip("yaml")
 
 ROOT = Path(__file__).resolve().parent.parent
 TOC = ROOT / "_toc.yml"
-
-spec = importlib.util.spec_from_file_location("check_book", ROOT / "scripts" / "check_book.py")
-check_book = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(check_book)
 
 
 def pages() -> list[Path]:
@@ -85,6 +82,63 @@ def test_chapter_set_up_uses_the_one_model_switch(path):
     assert not re.search(r"load_pipeline\([^)]", "\n".join(code)), f"{path.name}: load_pipeline with an argument"
 
 
+CHAPTERS = [p for p in NOTEBOOKS if p.parent.name == "book"]
+LEVELS = ("easy", "medium", "hard")
+
+
+def exercise_items(path: Path) -> list[tuple[int, str, str]]:
+    """``(number, level, text up to the next numbered exercise)`` of each exercise of a chapter."""
+    text = path.read_text().split("\n## Exercises\n", 1)[1]
+    starts = list(re.finditer(r"^(\d+)\.\s+\*\*\[(\w+)\]", text, flags=re.M))
+    return [(int(m[1]), m[2], text[m.start():(starts[i + 1].start() if i + 1 < len(starts) else len(text))])
+            for i, m in enumerate(starts)]
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_chapter_has_graded_exercises_with_an_implement_it_one(path):
+    """Every numbered exercise carries a level, easy to hard; at least one is 'Implement it': a stub that raises
+    NotImplementedError and is checked by this chapter's checker, then a hidden cell running it on the solution."""
+    import attnlens_exercises
+
+    text = path.read_text().split("\n## Exercises\n", 1)[1]
+    numbered = re.findall(r"^(\d+)\.\s", text, flags=re.M)
+    items = exercise_items(path)
+    assert [n for n, _, _ in items] == [int(n) for n in numbered] == list(range(1, len(numbered) + 1)), \
+        f"{path.name}: every numbered exercise starts with its level, **[easy]**, **[medium]** or **[hard]**"
+    assert all(level in LEVELS for _, level, _ in items), f"{path.name}: levels are {LEVELS}"
+    ranks = [LEVELS.index(level) for _, level, _ in items]
+    assert ranks == sorted(ranks), f"{path.name}: exercises go from easy to hard"
+    chapter = str(path.relative_to(ROOT).with_suffix(""))
+    own = {name for name, ch in attnlens_exercises.CHECKERS.items() if ch == chapter}
+    implement = [body for _, _, body in items if "Implement it" in body.split("\n", 1)[0]]
+    assert implement, f"{path.name}: no 'Implement it' exercise"
+    for body in implement:
+        cells = re.findall(r"```\{code-cell\}[^\n]*\n(.*?)```", body, flags=re.S)
+        assert len(cells) >= 2, f"{path.name}: an implement-it exercise needs a stub cell and a solution cell"
+        stub, solution = cells[0], cells[-1]
+        called = set(re.findall(r"^(check_\w+)\(", stub, flags=re.M))
+        assert called and called <= own, f"{path.name}: the stub must call this chapter's checker ({sorted(own)})"
+        assert "raise NotImplementedError" in stub and ":tags:" not in stub.split("\n", 1)[0]
+        assert solution.startswith(":tags: [hide-cell]"), f"{path.name}: the solution cell is hidden"
+        assert re.search(rf"^({'|'.join(called)})\(solutions\.\w+\)", solution, flags=re.M), \
+            f"{path.name}: the hidden cell must run the checker on the reference solution"
+        assert ":::{dropdown} Solution" in body
+
+
+def test_every_checker_belongs_to_a_chapter_that_uses_it():
+    import attnlens_exercises
+
+    for name, chapter in attnlens_exercises.CHECKERS.items():
+        assert f"{name}(solutions." in (ROOT / f"{chapter}.md").read_text(), f"{chapter} does not run {name}"
+
+
+def test_level_check_catches_an_unmarked_exercise(tmp_path):
+    page = tmp_path / "ch.md"
+    page.write_text("# T\n\n## Exercises\n\n1. **[easy]** One.\n\n2. Two, no level.\n")
+    items = exercise_items(page)
+    assert [n for n, _, _ in items] == [1]   # the unmarked second exercise is not counted, so the test above fails
+
+
 @pytest.mark.parametrize("path", [p for p in pages() if p.suffix == ".ipynb"], ids=lambda p: p.name)
 def test_notebooks_are_committed_without_outputs(path):
     nb = json.loads(path.read_text())
@@ -101,7 +155,8 @@ ALLOWED = re.compile(r"\b(?:fp|bf|float)(?:16|32)\b|(?:SD|Stable Diffusion|diffu
 
 
 def prose_numbers(prose: str) -> list[str]:
-    text = re.sub(r"\{glue(?::\w+)?\}`[^`]*`", "", prose)   # glued values
+    text = re.sub(r"\$\$.*?\$\$(?:\s*\([\w-]+\))?|\$[^$\n]+\$", "", prose, flags=re.S)  # math (and labels): notation
+    text = re.sub(r"\{glue(?::\w+)?\}`[^`]*`", "", text)    # glued values
     text = re.sub(r"`[^`]*`", "", text)                      # inline code
     text = re.sub(r"\]\([^)]*\)|<[^>]+>|\{doc\}`[^`]*`", "", text)  # link targets, HTML tags
     text = re.sub(r"^#+ .*$", "", text, flags=re.M)          # headings
@@ -113,6 +168,7 @@ def test_prose_number_check_catches_typed_numbers():
     assert prose_numbers("The map covers 12.5% of the image.") == ["12.5%"]
     assert prose_numbers("It has {glue}`n_layers` layers on a 4x4 grid.") == ["4x4"]
     assert prose_numbers("Stable Diffusion 1.5 rows sum to 1, see `cache[0, 3]`.\n1. An exercise") == []
+    assert prose_numbers("The share $\\tau_c N$ of steps, $$x = 2y$$ (eq), and 80% of them.") == ["80%"]
 
 
 @pytest.mark.parametrize("path", pages(), ids=lambda p: p.name)

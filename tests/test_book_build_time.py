@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("book_build_time", ROOT / "benchmarks" / "book_build_time.py")
-bbt = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bbt)
+from benchmarks import book_build_time as bbt
 
 
 def test_cell_seconds_from_nbclient_timing():

@@ -4,12 +4,7 @@ import torch
 
 import attnlens
 from attnlens import AttnlensError, Selector, capture, layers
-from attnlens._testing import captured_with_inputs, tiny_pipeline
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_pipeline()
+from attnlens._testing import captured_with_inputs
 
 
 def run(pipe, prompt="a red hexagon on the left", steps=3, guidance=7.5, seed=0):
@@ -72,16 +67,59 @@ def test_nested_captures_both_record_and_unwind(pipe):
     torch.testing.assert_close(inner["mid.0.cross", 0], outer["mid.0.cross", 0])
 
 
+def test_contexts_exiting_out_of_order_restore_exactly(pipe):
+    from attnlens import Controller, control
+
+    before = processors(pipe)
+    a = capture(pipe, layers="mid.*")
+    b = control(pipe, Controller(Selector(kind="self")))
+    cache = a.__enter__()
+    b.__enter__()
+    run(pipe, steps=2)
+    a.__exit__(None, None, None)  # A leaves first: B's hooks stay, A's are gone
+    hooked = [p for p in processors(pipe).values() if type(p).__name__ == "HookedProcessor"]
+    assert hooked and all(not p.hooks and len(p.controllers) == 1 for p in hooked)
+    b.__exit__(None, None, None)
+    assert all(processors(pipe)[k] is v for k, v in before.items())
+    assert not pipe.unet._forward_pre_hooks and not pipe.text_encoder._forward_pre_hooks
+    assert ("mid.0.cross", 1) in cache
+
+
+def test_every_context_on_a_pipeline_shares_one_step_clock(pipe):
+    from attnlens import Controller, control
+
+    ctrl = Controller(Selector(kind="self"))
+    with capture(pipe, layers="mid.*"), capture(pipe, layers="up.*"), control(pipe, ctrl):
+        assert len(pipe.unet._forward_pre_hooks) == 1
+        run(pipe, steps=2)
+        assert ctrl.clock.step == 1 and ctrl.clock.n_steps == 2
+    assert not pipe.unet._forward_pre_hooks
+
+
+def test_the_cache_is_a_mapping_of_layer_and_step(pipe):
+    with capture(pipe, layers="mid.0.cross", steps=[0, 1]) as cache:
+        run(pipe, steps=2)
+    assert ("mid.0.cross", 1) in cache and ("mid.0.cross", 2) not in cache and "mid.0.cross" not in cache
+    assert list(cache) == cache.keys() == [("mid.0.cross", 0), ("mid.0.cross", 1)]
+    assert [k for k, _ in cache.items()] == cache.keys()
+    assert all(torch.equal(m, cache[k]) for k, m in cache.items())
+    with capture(pipe, layers="mid.0.cross", reduce="mean") as reduced:
+        run(pipe, steps=2)
+    (key, mean), = reduced.items()
+    assert key == ("mid.0.cross", None)
+    torch.testing.assert_close(mean, reduced["mid.0.cross", None])
+
+
 def test_no_cfg_batch_several_prompts_and_branches(pipe):
     with capture(pipe) as cache:
         run(pipe, guidance=1.0, steps=2)
-    assert cache.items == [("cond", 0)]
+    assert cache.item_keys == [("cond", 0)]
     with pytest.raises(AttnlensError, match="no unconditional branch"):
         with capture(pipe, branch="uncond"):
             run(pipe, guidance=1.0, steps=1)
     with capture(pipe, branch="both") as cache:
         run(pipe, ["a red star", "a blue hexagon at the top"], steps=2)
-    assert cache.items == [("uncond", 0), ("uncond", 1), ("cond", 0), ("cond", 1)]
+    assert cache.item_keys == [("uncond", 0), ("uncond", 1), ("cond", 0), ("cond", 1)]
     assert cache["up.1.1.cross", 0].shape[0] == 4
     assert cache.words(1) == ["a", "blue", "hexagon", "at", "the", "top"]
     assert cache.word_map("hexagon", prompt=1).shape == (8, 8)
@@ -103,7 +141,7 @@ def test_word_maps_merge_tokens_and_reach_special_tokens(pipe):
     assert cache.token_indices("on the left") == [5, 6, 7]
     assert cache.token_indices("<start>") == [0] and cache.token_indices("<end>") == [8]
     assert cache.token_indices("<pad>") == list(range(9, 77))
-    full = cache.aggregate()[0]
+    full = cache.aggregate(cache.word_map_layers())[0]  # the default: the finest captured level
     torch.testing.assert_close(cache.word_map("hexagon"), full[..., 3] + full[..., 4])
     with pytest.raises(AttnlensError, match=r"'dog' is not a word.*'hexagon'"):
         cache.word_map("dog")

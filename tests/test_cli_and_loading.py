@@ -6,15 +6,7 @@ from PIL import Image
 
 from attnlens import AttnlensError, load_pipeline
 from attnlens._pipeline import EMBEDDED_MODEL
-from attnlens._testing import tiny_pipeline
 from attnlens.cli import main
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_pipeline().save_pretrained(path, safe_serialization=True)
-    return path
 
 
 def test_load_pipeline_from_a_local_folder(saved):
@@ -26,7 +18,7 @@ def test_missing_embedded_model_says_how_to_build_it(monkeypatch):
     monkeypatch.delenv("ATTNLENS_MODEL", raising=False)
     if (EMBEDDED_MODEL / "model_index.json").exists():
         pytest.skip("the embedded model is present")
-    with pytest.raises(AttnlensError, match="python -m attnlens.shapes.train"):
+    with pytest.raises(AttnlensError, match="python -m tools.shapes_model.train"):
         load_pipeline()
 
 

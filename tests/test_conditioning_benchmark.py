@@ -1,7 +1,5 @@
 """benchmarks/shapes_conditioning.py: the word gap does not depend on the model's parametrisation."""
 
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -9,15 +7,12 @@ import torch
 
 from attnlens._testing import tiny_pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def conditioning():
-    spec = importlib.util.spec_from_file_location("shapes_conditioning", ROOT / "benchmarks" / "shapes_conditioning.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from benchmarks import shapes_conditioning
+
+    return shapes_conditioning
 
 
 class _AsVelocity(torch.nn.Module):

@@ -9,15 +9,11 @@ from PIL import Image
 
 import attnlens
 from attnlens import AttnlensError, Controller, Selector, capture, control, edit, edit_image, invert
-from attnlens._editing import _alignment, start_noise
+from attnlens._editing import start_noise
+from attnlens._prompts import alignment
 from attnlens._testing import tiny_pipeline
 
 STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_pipeline()
 
 
 def plain(pipe, prompt, latents, guidance=7.5, steps=STEPS):
@@ -107,13 +103,13 @@ def test_p2p_replace_copies_the_source_cross_maps(pipe):
 
 
 def test_refine_alignment_maps_shared_words(pipe):
-    mapper, alpha, mode = _alignment(pipe, "a red star", "a big red star", "auto")
+    mapper, alpha, mode = alignment(pipe.tokenizer, "a red star", "a big red star", "auto")
     assert mode == "refine"
     # target tokens: <s> a big red star </s>; "big" is new, the rest take the source's maps
     assert alpha[:6].tolist() == [1, 1, 0, 1, 1, 1]
     assert mapper[[0, 1, 3, 4, 5]].tolist() == [0, 1, 2, 3, 4]
     with pytest.raises(AttnlensError, match="same number of tokens"):
-        _alignment(pipe, "a red star", "a big red star", "replace")
+        alignment(pipe.tokenizer, "a red star", "a big red star", "replace")
 
 
 def test_reweight_changes_only_the_target(pipe):
@@ -182,7 +178,7 @@ def test_inversion_reconstructs_and_converts_input(pipe):
 def test_inversion_is_the_exact_inverse_of_ddim_sampling():
     """With a noise prediction that does not depend on the latent, DDIM inversion then DDIM sampling
     returns exactly to the image's encoding: the reconstruction equals the VAE round trip."""
-    from attnlens._editing import _decode
+    from attnlens._images import decode as _decode
 
     pipe = tiny_pipeline(seed=1)
     with torch.no_grad():
@@ -197,7 +193,7 @@ def test_inversion_is_the_exact_inverse_of_ddim_sampling():
 def test_edit_image_source_follows_the_inversion(pipe):
     img = Image.new("RGB", (16, 16), (30, 200, 30))
     r = edit_image(pipe, img, "a blue square", num_inference_steps=STEPS)
-    from attnlens._editing import _decode
+    from attnlens._images import decode as _decode
 
     expect = _decode(pipe, r.inversion.latents[-1:].to(pipe.device))
     assert np.abs(np.asarray(r.source, dtype=int) - np.asarray(expect, dtype=int)).max() <= 1

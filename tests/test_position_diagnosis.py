@@ -1,32 +1,21 @@
 """benchmarks/shapes_position_diagnosis.py's measurements on a tiny random pipeline, and the card's use of them."""
 
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from attnlens import shapes
 from attnlens._testing import tiny_pipeline
-from attnlens.shapes.card import TEXT_PATH_INPUTS, fingerprint, render_card, weight_sums
-
-ROOT = Path(__file__).resolve().parents[1]
+from tools.shapes_model.card import TEXT_PATH_INPUTS, fingerprint, render_card, weight_sums
 
 
 @pytest.fixture(scope="module")
 def diagnosis():
-    spec = importlib.util.spec_from_file_location("shapes_position_diagnosis",
-                                                  ROOT / "benchmarks" / "shapes_position_diagnosis.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from benchmarks import shapes_position_diagnosis
 
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_pipeline()
+    return shapes_position_diagnosis
 
 
 def test_untrained_embeddings_all_sit_at_the_unseen_baseline(diagnosis, pipe):

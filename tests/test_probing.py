@@ -17,16 +17,10 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 import attnlens
 import attnlens._collect as collect_module
 from attnlens import AttnlensError, Features, Selector, capture, collect, load_features, probe, probe_heatmap, shapes
-from attnlens._testing import tiny_pipeline
 
 STEPS = 2
 SITES = Selector(kind=None, layers=["mid.*", "up.1.0.*"])
 WORDS = {"shape": "{shape}", "colour": "{colour}", "end": "<end>"}
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_pipeline()
 
 
 def scenes():
@@ -81,6 +75,21 @@ def test_features_equal_the_caches_word_maps_and_self_maps(pipe, reference):
 
 def test_a_generation_does_not_depend_on_its_batch(pipe, reference):
     assert_same(reference, run(pipe, batch_size=5))
+
+
+def test_collection_stops_the_pipeline_after_the_last_selected_step(pipe, reference):
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        f = collect(pipe, scenes()[:1], words="{shape}", sites=Selector(layers="mid.0.cross", steps=[0, 1]),
+                    num_inference_steps=10, progress=False)
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # steps 0 and 1 of 10: one UNet call each (CFG is batched)
+    assert f.keys() == [("{shape}", "mid.0.cross", 0), ("{shape}", "mid.0.cross", 1)]
+    early = run(pipe, sites=Selector(kind=None, layers=["mid.*", "up.1.0.*"], steps=[0]))
+    for key in early.keys():  # stopping early changes nothing that is read
+        np.testing.assert_allclose(early[key], reference[key], atol=1e-5, err_msg=str(key))
 
 
 def test_paper_style_prompts_with_labels_and_per_prompt_words(pipe):

@@ -7,12 +7,6 @@ import pytest
 import torch
 
 from attnlens import capture
-from attnlens._testing import tiny_pipeline
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_pipeline()
 
 
 def run(pipe, prompts):

@@ -27,8 +27,8 @@ def _bytes(pipe, items, steps, **fit):
 
     sel = Selector(kind="self")
     chosen = sel.match(attnlens.layers(pipe))
-    rec = _Recorder(types.SimpleNamespace(latent_hw=(64, 64)), sel, None, torch.float16, fit.get("reduce"),
-                    fit.get("store_resolution"), DEFAULT_BUDGET, chosen)
+    rec = _Recorder(sel, None, torch.float16, fit.get("reduce"), fit.get("store_resolution"), DEFAULT_BUDGET, chosen)
+    rec.clock = types.SimpleNamespace(latent_hw=(64, 64))
     rec.steps, rec.rows = set(range(steps)), [None] * items
     return sum(rec._bytes(i) for i in chosen)
 

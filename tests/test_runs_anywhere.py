@@ -36,7 +36,8 @@ def test_every_attnlens_package_is_listed_for_the_wheel():
     import tomllib
 
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "attnlens").rglob("__init__.py")}
+    found = {".".join(p.parent.relative_to(ROOT).parts) for top in ROOT.glob("attnlens*") if top.is_dir()
+             for p in top.rglob("__init__.py")}
     assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages in pyproject.toml"
     assert "attnlens.results" in listed
 

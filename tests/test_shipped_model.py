@@ -6,6 +6,7 @@ The damage tests build their folder from a tiny pipeline saved with ``save_pretr
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,30 +18,24 @@ import pytest
 import attnlens._pipeline as pipeline_module
 from attnlens import AttnlensError, load_pipeline
 from attnlens._pipeline import EMBEDDED_MODEL
-from attnlens._testing import tiny_pipeline
-from attnlens.shapes.card import fingerprint, render_card, summarize_log, weight_sums
+from tools.shapes_model.card import fingerprint, render_card, summarize_log, weight_sums
+from tools.shapes_model.train import record_rebuild
 
 SIZE_LIMIT = 25_000_000  # issue 3: "at most 25 MB in total" (the model's own files: the CLIP tokenizer files are a
 # copy of the package's attnlens/tokenizer, real files since issue 21 (no symlinks), not part of the model)
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "pipe"
-    tiny_pipeline().save_pretrained(path, safe_serialization=True)
-    return path
-
-
-@pytest.fixture
-def copy(saved, tmp_path):
-    return Path(shutil.copytree(saved, tmp_path / "model"))
-
-
 def _as_export(folder: Path) -> None:
-    """Give a folder the training.json an export writes (steps, seed, weight checksums)."""
+    """Give a folder the training.json an export writes (steps, seed, weight checksums, rebuild commands)."""
     record = {"unet_step": 6000, "seed": 0, "ema": True, "config": {}, "vae": {"step": 3000, "config": {}, "seed": 0},
               "logs": {}, "sha256": weight_sums(folder)}
+    _write_record(folder, record)
+
+
+def _write_record(folder: Path, record: dict) -> None:
+    """Write ``training.json`` and have the training tool record its rebuild commands, as export does."""
     (folder / "training.json").write_text(json.dumps(record))
+    record_rebuild(folder)
 
 
 # ------------------------------------------------------------------------------------------ shipped
@@ -142,12 +137,12 @@ def test_damaged_embedded_model_says_how_to_rebuild_it(copy, monkeypatch):
     msg = str(err.value)
     assert "unet/diffusion_pytorch_model.safetensors is corrupt (its SHA-256 differs" in msg
     assert "git checkout -- attnlens/models/shapes" in msg
-    assert "python -m attnlens.shapes.train vae --workdir runs/shapes --steps 3000 --seed 0" in msg
-    assert "python -m attnlens.shapes.train unet --workdir runs/shapes --steps 6000 --seed 0" in msg
-    assert "python -m attnlens.shapes.train export --workdir runs/shapes --out attnlens/models/shapes" in msg
+    assert "python -m tools.shapes_model.train vae --workdir runs/shapes --steps 3000 --seed 0" in msg
+    assert "python -m tools.shapes_model.train unet --workdir runs/shapes --steps 6000 --seed 0" in msg
+    assert "python -m tools.shapes_model.train export --workdir runs/shapes --out attnlens/models/shapes" in msg
     record = json.loads((copy / "training.json").read_text())  # a run with recipe options: the command names them
     record["config"] = {"prediction_type": "v_prediction", "text_table_steps": 2000, "snr_floor": 1.0, "latent_std": 1.0}
-    (copy / "training.json").write_text(json.dumps(record))
+    _write_record(copy, record)
     with pytest.raises(AttnlensError, match=r"unet --workdir runs/shapes --steps 6000 --seed 0 --prediction-type "
                        r"v_prediction --text-table-steps 2000 --snr-floor 1.0`"):
         load_pipeline(device="cpu")
@@ -155,17 +150,32 @@ def test_damaged_embedded_model_says_how_to_rebuild_it(copy, monkeypatch):
     record.update(unet_step=9000, unet_total_steps=9000, recipe_changes=[
         {"step": 2000, "changed": {"snr_floor": [0.0, 1.0]}},
         {"step": 6000, "changed": {"total_steps": [6000, 9000]}}])
-    (copy / "training.json").write_text(json.dumps(record))
+    _write_record(copy, record)
     with pytest.raises(AttnlensError) as err:
         load_pipeline(device="cpu")
-    assert ("`python -m attnlens.shapes.train unet --workdir runs/shapes --steps 6000 --seed 0 --prediction-type "
-            "v_prediction --text-table-steps 2000` (stopped at step 2000), then `python -m attnlens.shapes.train unet "
-            "--workdir runs/shapes --steps 6000 --seed 0 --snr-floor 1.0`, then `python -m attnlens.shapes.train unet "
-            "--workdir runs/shapes --steps 9000 --seed 0`, then `python -m attnlens.shapes.train export") in str(err.value)
+    assert ("`python -m tools.shapes_model.train unet --workdir runs/shapes --steps 6000 --seed 0 --prediction-type "
+            "v_prediction --text-table-steps 2000` (stopped at step 2000), then `python -m tools.shapes_model.train unet "
+            "--workdir runs/shapes --steps 6000 --seed 0 --snr-floor 1.0`, then `python -m tools.shapes_model.train unet "
+            "--workdir runs/shapes --steps 9000 --seed 0`, then `python -m tools.shapes_model.train export") in str(err.value)
     w.unlink()
     with pytest.raises(AttnlensError, match=r"unet/diffusion_pytorch_model.safetensors is missing \(unet/ has no \.safetensors weights\)"
-                       r".*attnlens.shapes.train export"):
+                       r".*tools.shapes_model.train export"):
         load_pipeline(device="cpu")
+    # the loader prints what training.json records and nothing else: without a record of the commands it says
+    # where the tool is; a copy elsewhere gets its own folder in the export command
+    record.pop("rebuild", None)
+    (copy / "training.json").write_text(json.dumps(record))
+    with pytest.raises(AttnlensError, match=r"records no rebuild commands") as err:
+        load_pipeline(device="cpu")
+    assert "git checkout -- attnlens/models/shapes" in str(err.value) and "--steps" not in str(err.value)
+    (copy / "training.json").write_text("{not json")
+    with pytest.raises(AttnlensError, match=r"records no rebuild commands"):
+        load_pipeline(device="cpu")
+    _write_record(copy, record)
+    monkeypatch.setattr(pipeline_module, "EMBEDDED_MODEL", copy.parent / "elsewhere")
+    with pytest.raises(AttnlensError, match=r"Rebuild it: `python -m tools.shapes_model.train vae .*"
+                       rf"`python -m tools.shapes_model.train export --workdir runs/shapes --out {re.escape(str(copy))}`"):
+        load_pipeline(copy, device="cpu")
 
 
 # ------------------------------------------------------------------------------------------ card
@@ -240,3 +250,22 @@ def test_card_shows_the_conditioning_gaps_only_for_these_weights(copy, tmp_path)
     cond["model_fingerprint"] = "0" * 64
     path.write_text(json.dumps(cond))
     assert "Does the model use each word?" not in render_card(copy, tmp_path / "absent.json", conditioning_path=path)
+
+
+def test_text_path_current_says_whether_the_record_fits_the_folder(copy, tmp_path):
+    """The tool verb rebench.sh asks before skipping the text-path benchmark: yes only for the VAE, tokenizer
+    and scheduler the record was measured on; a new UNet keeps it, a new VAE does not."""
+    from tools.shapes_model import train
+    from tools.shapes_model.card import TEXT_PATH_INPUTS
+
+    record = tmp_path / "text_path.json"
+    assert not train.text_path_current(copy, record)  # no record
+    record.write_text(json.dumps({"inputs_fingerprint": fingerprint(copy, TEXT_PATH_INPUTS)}))
+    assert train.text_path_current(copy, record)
+    (copy / "unet" / "config.json").write_text((copy / "unet" / "config.json").read_text() + " ")
+    assert train.text_path_current(copy, record)
+    (copy / "vae" / "config.json").write_text((copy / "vae" / "config.json").read_text() + " ")
+    assert not train.text_path_current(copy, record)
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["text-path-current", "--out", str(copy)])  # the committed record was not measured on it
+    assert exit_.value.code == 1

@@ -1,24 +1,19 @@
 """benchmarks/shapes_text_path.py: the three-arm training runs end to end and its gain reads 0 for an unchanged word."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from attnlens.shapes.train import TINY_UNET, build_text_encoder, build_unet
-
-ROOT = Path(__file__).resolve().parents[1]
+from tools.shapes_model.train import TINY_UNET, build_text_encoder, build_unet
 
 
 @pytest.fixture(scope="module")
 def text_path():
-    spec = importlib.util.spec_from_file_location("shapes_text_path", ROOT / "benchmarks" / "shapes_text_path.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from benchmarks import shapes_text_path
+
+    return shapes_text_path
 
 
 def test_gain_is_zero_when_the_swapped_prompt_is_the_same(text_path):
@@ -58,7 +53,7 @@ def test_both_arms_train_and_record(text_path, tmp_path):
 def test_table_start_arm_keeps_its_text_layers_frozen_then_trains_them(text_path, monkeypatch):
     """The clip_table_start arm's output projections stay 0 through the table steps and move after."""
     import attnlens
-    from attnlens.shapes import train as training
+    from tools.shapes_model import train as training
 
     seen = []
     real = training.start_as_word_table

@@ -3,7 +3,7 @@ import json
 import torch
 
 from attnlens._tokenizer import load_tokenizer
-from attnlens.shapes import train
+from tools.shapes_model import train
 
 
 def test_tokenizer_matches_sd1_ids():
@@ -37,6 +37,11 @@ def test_training_runs_resumes_and_exports(tmp_path):
     assert meta["config"]["latent_std"] == 0.5 and abs(meta["scaling_factor"] - scale / 2) < 1e-9
     assert meta["recipe_changes"][-1] == {"step": 4, "changed": {"latent_std": [1.0, 0.5], "total_steps": [4, 5]}}
     out = train.export(work, tmp_path / "pipe")
+    # the export records the commands that rebuild it (the loader prints them, importing nothing from the tool)
+    rebuild = [r["command"] for r in json.loads((out / "training.json").read_text())["rebuild"]]
+    assert rebuild[0] == "python -m tools.shapes_model.train vae --workdir runs/shapes --steps 2 --seed 0"
+    assert rebuild[-2].endswith("--steps 5 --seed 0 --latent-std 0.5")
+    assert rebuild[-1] == "python -m tools.shapes_model.train export --workdir runs/shapes --out {out}"
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32, use_safetensors=True)
@@ -144,7 +149,7 @@ def test_pack_and_unpack_resume_a_run_on_another_machine(tmp_path):
     record = json.loads((tmp_path / "raw" / "training.json").read_text())
     assert record["ema"] is False and record["unet_step"] == 4
     assert {"step": 3, "changed": {"resumed_from_pack": [False, True]}} in record["recipe_changes"]
-    from attnlens.shapes.card import render_card
+    from tools.shapes_model.card import render_card
 
     assert "step 3: resumed on another machine from the run's packed copy" in render_card(tmp_path / "raw",
                                                                                            tmp_path / "absent.json")

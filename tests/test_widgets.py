@@ -6,13 +6,7 @@ pytest.importorskip("ipywidgets")
 
 import attnlens  # noqa: E402
 from attnlens import AttnlensError  # noqa: E402
-from attnlens._testing import tiny_pipeline  # noqa: E402
 from attnlens.widgets import AttentionExplorer, EditingLab, _edit_options  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_pipeline()
 
 
 def png(image_widget) -> bytes:

@@ -1,4 +1,4 @@
-"""The Shapes world, its oracle and the embedded model's training code.
+"""The Shapes world and its oracle (the embedded model's training tool is tools/shapes_model/, outside the package).
 
 Example:
     >>> from attnlens import shapes

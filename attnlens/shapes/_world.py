@@ -106,6 +106,16 @@ class Scene:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def prompt_row(self) -> dict[str, str]:
+        """``{"prompt": its canonical description, **its five attributes}``: a labelled prompt for
+        :func:`attnlens.collect`.
+
+        Example:
+            >>> Scene("star", "red").prompt_row()["prompt"]
+            'a large red star in the center on a black background'
+        """
+        return {"prompt": describe(self), **self.attributes()}
+
 
 def _polygon(n: int, radius: float, cx: float, cy: float, rot: float, start: float = -90.0):
     pts = []
@@ -272,6 +282,10 @@ class Example:
     scene: Scene
     prompt: str
     mentioned: tuple[str, ...] = field(default=())
+
+    def prompt_row(self) -> dict[str, str]:
+        """``{"prompt": its prompt, **its scene's five attributes}``: a labelled prompt for :func:`attnlens.collect`."""
+        return {"prompt": self.prompt, **self.scene.attributes()}
 
 
 def sample_example(rng: np.random.Generator) -> Example:

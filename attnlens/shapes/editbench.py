@@ -113,7 +113,9 @@ def run(pipe: Any, methods: Sequence[str] = ("fpe", "p2p", "cross", "masactrl", 
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from .._editing import METHODS, edit, edit_image, invert
+    from .._editing import edit, edit_image
+    from .._inversion import invert
+    from .._methods import METHODS
 
     for m in methods:
         if m not in METHODS:

@@ -1,59 +1,43 @@
 """The model card of an exported Shapes model: ``README.md`` written from recorded figures only.
 
 :func:`write_card` reads the folder's own files (``training.json``, written by
-``python -m attnlens.shapes.train export``, which carries a summary of the training logs; the
-component configs; the safetensors headers and file sizes), the quality bar's results
-(``benchmarks/results/shapes_quality.json``, written by ``benchmarks/shapes_quality.py``) and the
+``python -m tools.shapes_model.train export``, which carries a summary of the training logs and the
+rebuild commands; the component configs; the safetensors headers and file sizes), the quality bar's
+results (``benchmarks/results/shapes_quality.json``, written by ``python -m benchmarks.shapes_quality``) and the
 oracle's accuracy (``benchmarks/results/oracle_accuracy.json``). No figure in the card is typed by
 hand: every number comes from one of these files. The quality figures are shown only when the
 results were measured on these exact weights (same :func:`fingerprint`) by a full (not ``--quick``)
 run; otherwise the card says they are still to be measured and how.
 
-    python -m attnlens.shapes.train card --out attnlens/models/shapes      # after the benchmark
+    python -m tools.shapes_model.train card --out attnlens/models/shapes      # after the benchmark
+
+This module imports nothing else from the tool (``train`` imports it): :func:`rebuild_commands` takes a new
+run's defaults as an argument.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import struct
 from pathlib import Path
 
-from ._world import ATTRIBUTES, IMAGE_SIZE, MENTION_PROBABILITY
+from attnlens._identity import fingerprint, weight_sums  # noqa: F401 (the card's facts; kept importable here)
+from attnlens._tokenizer import TOKENIZER_DIR
+from attnlens.shapes._world import ATTRIBUTES, IMAGE_SIZE, MENTION_PROBABILITY
 
-REPO = Path(__file__).resolve().parents[2]
-RESULTS = REPO / "benchmarks" / "results" / "shapes_quality.json"
-ORACLE_RESULTS = REPO / "benchmarks" / "results" / "oracle_accuracy.json"
-CONDITIONING = REPO / "benchmarks" / "results" / "shapes_conditioning.json"
-POSITION_DIAGNOSIS = REPO / "benchmarks" / "results" / "shapes_position_diagnosis.json"
-TEXT_PATH = REPO / "benchmarks" / "results" / "shapes_text_path.json"
+from . import EMBEDDED, EMBEDDED_OUT, RESULTS as RESULTS_DIR, WORKDIR
+
+RESULTS = RESULTS_DIR / "shapes_quality.json"
+ORACLE_RESULTS = RESULTS_DIR / "oracle_accuracy.json"
+CONDITIONING = RESULTS_DIR / "shapes_conditioning.json"
+POSITION_DIAGNOSIS = RESULTS_DIR / "shapes_position_diagnosis.json"
+TEXT_PATH = RESULTS_DIR / "shapes_text_path.json"
 # what benchmarks/shapes_text_path.py takes from a model folder (it trains its own UNets and text encoders):
 # its record stays valid for a new UNet or text encoder trained on the same VAE
 TEXT_PATH_INPUTS = ("vae", "tokenizer", "scheduler")
-TOKENIZER_LICENSE = Path(__file__).resolve().parents[1] / "tokenizer" / "LICENSE"
+TOKENIZER_LICENSE = TOKENIZER_DIR / "LICENSE"
 
 
 # ------------------------------------------------------------------------------------------ facts
-
-
-def fingerprint(folder: str | Path, parts: tuple[str, ...] | None = None) -> str | None:
-    """SHA-256 over a diffusers folder's weights and configs (not ``training.json`` or ``README.md``).
-
-    Two folders with the same fingerprint generate the same images. ``parts`` (subfolder names such as
-    ``("vae", "scheduler")``) limits it to those components, for a result that depends on them alone.
-    ``None`` if ``folder`` is not a local folder (a hub id).
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    h = hashlib.sha256()
-    for f in sorted(folder.rglob("*")):
-        if parts is not None and f.relative_to(folder).parts[0] not in parts:
-            continue
-        if f.is_file() and f.suffix in (".safetensors", ".json") and f.name != "training.json":
-            h.update(str(f.relative_to(folder)).encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 def text_path_applies(record: dict, folder: str | Path) -> bool:
@@ -64,23 +48,15 @@ def text_path_applies(record: dict, folder: str | Path) -> bool:
     return record.get("model_fingerprint") == fingerprint(folder)
 
 
-def weight_sums(folder: str | Path) -> dict[str, str]:
-    """``{relative path: SHA-256}`` of every safetensors file in ``folder`` (recorded in ``training.json``)."""
-    folder = Path(folder)
-    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(folder.rglob("*.safetensors"))}
-
-
 def _parameters(path: Path) -> int:
-    """Number of parameters in a safetensors file, from its header alone."""
-    with path.open("rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
+    """Number of parameters in a safetensors file, from its header alone (read by safetensors itself)."""
+    from safetensors import safe_open
+
     total = 0
-    for name, t in header.items():
-        if name != "__metadata__":
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():
             count = 1
-            for d in t["shape"]:
+            for d in f.get_slice(name).get_shape():
                 count *= d
             total += count
     return total
@@ -152,10 +128,10 @@ def _read_json(path: Path) -> dict | None:
 
 def _quality_section(results: dict | None, folder: Path, results_path: Path) -> tuple[list[str], list[str]]:
     """The measured-quality lines and the list of targets not met."""
-    embedded = folder.resolve() == (REPO / "attnlens" / "models" / "shapes").resolve()
-    cmd = "python benchmarks/shapes_quality.py" + ("" if embedded else f" --model {folder}")
+    embedded = folder.resolve() == EMBEDDED.resolve()
+    cmd = "python -m benchmarks.shapes_quality" + ("" if embedded else f" --model {folder}")
     if results is None:
-        return [f"Not measured yet: run `{cmd}`, then `python -m attnlens.shapes.train card --out {folder}`."], []
+        return [f"Not measured yet: run `{cmd}`, then `python -m tools.shapes_model.train card --out {folder}`."], []
     if results.get("quick"):
         return [f"Only a `--quick` development run is recorded in `{results_path.name}`; run `{cmd}` (full) and "
                 "regenerate this card."], []
@@ -327,7 +303,7 @@ def _position_section(diag: dict | None, folder: Path, text_path: dict | None = 
 
 def _change(key: str, old, new) -> str:
     """One recipe change as the card states it."""
-    if key == "resumed_from_pack":  # see attnlens.shapes.train.pack
+    if key == "resumed_from_pack":  # see tools.shapes_model.train.pack
         return ("resumed on another machine from the run's packed copy (weights and EMA rounded to fp16 once, "
                 "Adam's first moment restarted at zero)")
     return f"{key} {old} -> {new}"
@@ -341,7 +317,7 @@ def render_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_p
     training = _read_json(folder / "training.json")
     if training is None:
         raise FileNotFoundError(f"{folder / 'training.json'} is missing: the card is written for a folder made by "
-                                "`python -m attnlens.shapes.train export`")
+                                "`python -m tools.shapes_model.train export`")
     unet_cfg = _read_json(folder / "unet" / "config.json") or {}
     vae_cfg = _read_json(folder / "vae" / "config.json") or {}
     text_cfg = _read_json(folder / "text_encoder" / "config.json") or {}
@@ -373,12 +349,12 @@ def render_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_p
     quality, failed = _quality_section(results, folder, results_path)
     seed = training.get("seed")
     guidance = results["guidance"] if results and not results.get("quick") else None
-    out = "attnlens/models/shapes" if folder.resolve() == (REPO / "attnlens/models/shapes").resolve() else str(folder)
+    out = EMBEDDED_OUT if folder.resolve() == EMBEDDED.resolve() else str(folder)
 
     L = [
         "# Shapes: the embedded model of attnlens",
         "",
-        "<!-- Written by `python -m attnlens.shapes.train card` (attnlens/shapes/card.py) from training.json, the "
+        "<!-- Written by `python -m tools.shapes_model.train card` (tools/shapes_model/card.py) from training.json, the "
         "component files and benchmarks/results/*.json. Do not edit by hand: regenerate. -->",
         "",
         f"A Stable Diffusion 1.x-architecture `StableDiffusionPipeline` ({IMAGE_SIZE}x{IMAGE_SIZE} images) trained "
@@ -505,17 +481,17 @@ def render_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_p
         "## Rebuild",
         "",
         "```bash",
-        f"python -m attnlens.shapes.train vae  --workdir runs/shapes --steps {vae.get('step', 'N')} --seed {seed}",
-        *(command + (f"   # {note}" if note else "") for command, note in unet_commands(training, seed)),
-        f"python -m attnlens.shapes.train export --workdir runs/shapes --out {out}",
-        f"python benchmarks/shapes_quality.py{'' if out == 'attnlens/models/shapes' else ' --model ' + out}"
+        *(_recorded_rebuild(training, out) or ["# training.json records no rebuild commands: "
+                                               "`python -m tools.shapes_model.train card` writes them"]),
+        f"python -m benchmarks.shapes_quality{'' if out == EMBEDDED_OUT else ' --model ' + out}"
         + (f" --guidance {guidance}" if guidance not in (None, 7.5) else ""),
-        f"python -m attnlens.shapes.train card --out {out}",
+        f"python -m tools.shapes_model.train card --out {out}",
         "```",
         "",
-        "Each stage resumes from its checkpoint in `runs/shapes`. `training.json` in this folder records the "
-        "configs, seeds, steps, a summary of the training logs and the SHA-256 of every weight file "
-        "(`load_pipeline` checks them).",
+        f"Run from a source checkout of the repository (the training tool, `tools/shapes_model/`, is not part of the "
+        f"package). Each stage resumes from its checkpoint in `{WORKDIR}`. `training.json` in this folder records the "
+        "configs, seeds, steps, a summary of the training logs, these commands (`load_pipeline` prints them when "
+        "the folder is damaged) and the SHA-256 of every weight file (`load_pipeline` checks them).",
         "",
     ]
     return "\n".join(L)
@@ -525,21 +501,42 @@ def render_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_p
 _UNET_FLAGS = ("prediction_type", "text_table_steps", "snr_floor", "latent_std")
 
 
-def unet_commands(training: dict, seed) -> list[tuple[str, str]]:
-    """``(command, note)`` for each ``train unet`` command that rebuilds the run ``training.json`` records:
-    the recipe flags that differ from a new run's defaults, and one command per schedule when the run was
-    resumed with another ``--steps`` (each continues the last one's checkpoint, as the run did). ``note``
-    says where to stop, or is empty."""
-    from .train import UNetConfig  # a new run's defaults
+OUT = "{out}"
+"""Stands for the model folder in the recorded rebuild commands (the loader puts the folder it loads there)."""
+TRAIN = "python -m tools.shapes_model.train"
 
-    defaults = UNetConfig()
+
+def rebuild_commands(training: dict, defaults) -> list[dict[str, str]]:
+    """The commands that rebuild the exported folder ``training.json`` describes, as recorded in its
+    ``"rebuild"`` entry: ``[{"command": ..., "note": ...}, ...]`` for the VAE stage, each UNet schedule
+    (:func:`unet_commands`) and the export; :data:`OUT` stands for the folder. ``defaults`` is a new run's
+    ``UNetConfig`` (the recipe flags that differ from it are named)."""
+    seed = training.get("seed", 0)
+    vae = training.get("vae") if isinstance(training.get("vae"), dict) else {}
+    rows = [(f"{TRAIN} vae --workdir {WORKDIR} --steps {vae.get('step', 'STEPS')} --seed {seed}", "")]
+    rows += unet_commands(training, seed, defaults)
+    rows.append((f"{TRAIN} export --workdir {WORKDIR} --out {OUT}", ""))
+    return [{"command": command, "note": note} for command, note in rows]
+
+
+def _recorded_rebuild(training: dict, out: str) -> list[str]:
+    """The recorded rebuild commands as shell lines for ``out`` (empty if none are recorded)."""
+    rows = training.get("rebuild") or []
+    return [r["command"].replace(OUT, out) + (f"   # {r['note']}" if r.get("note") else "") for r in rows]
+
+
+def unet_commands(training: dict, seed, defaults) -> list[tuple[str, str]]:
+    """``(command, note)`` for each ``train unet`` command that rebuilds the run ``training.json`` records:
+    the recipe flags that differ from ``defaults`` (a new run's ``UNetConfig``), and one command per
+    schedule when the run was resumed with another ``--steps`` (each continues the last one's checkpoint,
+    as the run did). ``note`` says where to stop, or is empty."""
     config = dict(training.get("config") or {})
     changes = sorted(training.get("recipe_changes") or [], key=lambda c: c["step"])
     for c in reversed(changes):  # the values the run started with
         for key, (old, _new) in c["changed"].items():
             if key in _UNET_FLAGS:
                 config[key] = old
-    base = "python -m attnlens.shapes.train unet --workdir runs/shapes"
+    base = f"{TRAIN} unet --workdir {WORKDIR}"
     first = "".join(f" {_flag(k)} {config[k]}" for k in _UNET_FLAGS
                     if k in config and config[k] != getattr(defaults, k))
     final = training.get("unet_total_steps") or training.get("unet_step")
@@ -576,13 +573,10 @@ def _unet_steps(training: dict) -> str:
 
 
 def write_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_path: str | Path = ORACLE_RESULTS) -> Path:
-    """Write ``README.md`` (and ``tokenizer/LICENSE``) into an exported model folder; return the card's path."""
+    """Write ``README.md`` into an exported model folder; return the card's path. (``train card`` also
+    refreshes the folder's rebuild commands and ``tokenizer/LICENSE`` first.)"""
     folder = Path(folder)
     text = render_card(folder, results_path, oracle_path)
-    if (folder / "tokenizer").is_dir() and TOKENIZER_LICENSE.is_file():
-        from .train import link_or_copy
-
-        link_or_copy(TOKENIZER_LICENSE, folder / "tokenizer" / "LICENSE")
     path = folder / "README.md"
     path.write_text(text)
     return path

@@ -7,17 +7,25 @@ an uninterrupted run would have seen.
 
 Usage::
 
-    python -m attnlens.shapes.train vae  --workdir runs/shapes --steps 3000
-    python -m attnlens.shapes.train unet --workdir runs/shapes --steps 20000
-    python -m attnlens.shapes.train export --workdir runs/shapes --out attnlens/models/shapes
-    python benchmarks/shapes_quality.py      # the quality bar, then rewrite the model card with it:
-    python -m attnlens.shapes.train card --out attnlens/models/shapes
+    python -m tools.shapes_model.train vae  --workdir runs/shapes --steps 3000
+    python -m tools.shapes_model.train unet --workdir runs/shapes --steps 20000
+    python -m tools.shapes_model.train export --workdir runs/shapes --out attnlens/models/shapes
+    python -m benchmarks.shapes_quality      # the quality bar, then rewrite the model card with it:
+    python -m tools.shapes_model.train card --out attnlens/models/shapes
 
 A run that must outlive its machine is packed into a file small enough to commit, and unpacked on the
 next machine (see :func:`pack`)::
 
-    python -m attnlens.shapes.train pack   --workdir runs/shapes   # -> checkpoints/shapes-unet-resume.safetensors
-    python -m attnlens.shapes.train unpack --workdir runs/shapes   # then resume with the unet stage
+    python -m tools.shapes_model.train pack   --workdir runs/shapes   # -> checkpoints/shapes-unet-resume.safetensors
+    python -m tools.shapes_model.train unpack --workdir runs/shapes   # then resume with the unet stage
+
+Commit a pack only while a run must resume on another machine, and a model folder only when it ships:
+every committed weight file stays in the history every full clone downloads.
+
+``export`` and ``card`` record the commands that rebuild the folder in its ``training.json``
+(``"rebuild"``), so the loader can print them without importing this tool. ``text-path-current`` exits 0
+when ``benchmarks/results/shapes_text_path.json`` was measured on the embedded model's VAE, tokenizer and
+scheduler (``scripts/rebench.sh`` then skips that benchmark).
 
 The objective is the standard one of each part (reconstruction + KL for the VAE, the epsilon
 denoising loss for the UNet, with min-SNR weighting); nothing supervises attention.
@@ -30,7 +38,6 @@ import copy
 import json
 import shutil
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -40,8 +47,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._checkpoint import load_checkpoint, save_checkpoint
-from ._world import BACKGROUNDS, COLOURS, ShapesDataset
+import attnlens
+from attnlens._tokenizer import TOKENIZER_DIR, VOCAB_SIZE, load_tokenizer
+from attnlens.shapes import BACKGROUNDS, COLOURS, ShapesDataset
+
+from . import CHECKPOINTS, EMBEDDED, RESULTS as RESULTS_DIR
+from .card import (RESULTS, TEXT_PATH, fingerprint, rebuild_commands, summarize_log, text_path_applies, weight_sums,
+                   write_card)
+from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
 
 # ------------------------------------------------------------------------------------------ configs
 
@@ -121,8 +134,6 @@ def build_vae(cfg: VAEConfig):
 
 def build_text_encoder(cfg: UNetConfig):
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from .._tokenizer import VOCAB_SIZE
 
     config = CLIPTextConfig(
         vocab_size=VOCAB_SIZE,
@@ -210,7 +221,7 @@ def vae_round_trip_report(vae, n: int = 256, seed: int = 10_000) -> dict:
 
     Returns the share of images whose every attribute survives, and the share per attribute.
     """
-    from .oracle import read
+    from attnlens.shapes import read
 
     ds = ShapesDataset(n, seed=seed)
     keys = ("shape", "colour", "size", "position", "background")
@@ -358,8 +369,6 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
     ``None`` takes the checkpoint's (``cfg``'s for a new run), and a different value for a resumed run is
     an error.
     """
-    from .._tokenizer import load_tokenizer
-
     fixed = {"prediction_type": prediction_type, "text_table_steps": text_table_steps}
     cfg = replace(cfg, **{k: v for k, v in fixed.items() if v is not None})  # a resumed run checks them below
     if cfg.prediction_type not in ("epsilon", "v_prediction"):
@@ -456,7 +465,7 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
                              "scaling_factor": scale, "recipe_changes": changes})
 
 
-PACK = Path(__file__).resolve().parents[2] / "checkpoints" / "shapes-unet-resume.safetensors"
+PACK = CHECKPOINTS / "shapes-unet-resume.safetensors"
 """Where ``pack`` writes by default: beside the finished VAE stage, small enough to commit."""
 
 
@@ -478,8 +487,6 @@ def pack(workdir: Path, out: Path = PACK) -> Path:
     The sidecar keeps the checkpoint's metadata, the optimizer's settings and the training log.
     """
     from safetensors.torch import load_file, save_file
-
-    from .._tokenizer import VOCAB_SIZE
 
     ckpt = Path(workdir) / "unet.safetensors"
     if not ckpt.exists():
@@ -503,10 +510,8 @@ def pack(workdir: Path, out: Path = PACK) -> Path:
                     "log": log.read_text().splitlines() if log.exists() else []}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from ._checkpoint import _atomic_write
-
-    _atomic_write(out, lambda tmp: save_file(packed, str(tmp)))
-    _atomic_write(out.with_name(out.name + ".json"), lambda tmp: tmp.write_text(json.dumps(side)))
+    atomic_write(out, lambda tmp: save_file(packed, str(tmp)))
+    atomic_write(out.with_name(out.name + ".json"), lambda tmp: tmp.write_text(json.dumps(side)))
     return out
 
 
@@ -554,34 +559,25 @@ def unpack(src: Path, workdir: Path, vae: Path | None = None) -> Path:
     meta.setdefault("recipe_changes", []).append(
         {"step": meta["step"], "changed": {"resumed_from_pack": [False, True]}})
     ckpt = workdir / "unet.safetensors"
-    from ._checkpoint import _atomic_write
-
-    _atomic_write(ckpt, lambda tmp: save_file(tensors, str(tmp)))
-    _atomic_write(ckpt.with_name(ckpt.name + ".json"), lambda tmp: tmp.write_text(json.dumps(side)))
+    atomic_write(ckpt, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(ckpt.with_name(ckpt.name + ".json"), lambda tmp: tmp.write_text(json.dumps(side)))
     if info["log"]:
         (workdir / "unet_log.jsonl").write_text("\n".join(info["log"]) + "\n")
     return ckpt
 
 
-def link_or_copy(src: Path, dst: Path) -> None:
-    """Put ``src`` at ``dst``: a relative symbolic link when both lie inside the attnlens package (the
-    embedded model's tokenizer files are the package's own, kept once in the repository), else a copy."""
-    package = Path(__file__).resolve().parents[1]
+def copy_file(src: Path, dst: Path) -> None:
+    """Put a copy of ``src`` at ``dst`` (replacing a file or link there). The embedded model's tokenizer files
+    are real copies of the package's own: the repository holds no symbolic links (issue 21, Windows checkouts)."""
     dst = Path(dst)
     if dst.is_symlink() or dst.exists():
         dst.unlink()
-    src_r, dst_parent = Path(src).resolve(), dst.parent.resolve()
-    if package in src_r.parents and package in dst_parent.parents:
-        dst.symlink_to(os.path.relpath(src_r, dst_parent))
-    else:
-        shutil.copyfile(src_r, dst)
+    shutil.copyfile(Path(src).resolve(), dst)
 
 
 def export(workdir: Path, out: Path, use_ema: bool = True) -> Path:
     """Write the trained parts as a diffusers ``StableDiffusionPipeline`` folder (fp16 safetensors)."""
     from diffusers import StableDiffusionPipeline
-
-    from .._tokenizer import load_tokenizer
 
     vae = _load_vae(workdir)
     ckpt = workdir / "unet.safetensors"
@@ -596,13 +592,13 @@ def export(workdir: Path, out: Path, use_ema: bool = True) -> Path:
                                    requires_safety_checker=False)
     pipe.to(torch.float16)
     pipe.save_pretrained(out, safe_serialization=True)
+    canonical_text_encoder_keys(out)
     # transformers writes the tokenizer as one tokenizer.json (3.5 MB); ship the smaller vocab.json +
     # merges.txt pair it was built from instead, which CLIPTokenizer reads just as well
     tok_dir = Path(out) / "tokenizer"
     (tok_dir / "tokenizer.json").unlink(missing_ok=True)
     for name in ("vocab.json", "merges.txt", "LICENSE"):
-        link_or_copy(Path(__file__).parents[1] / "tokenizer" / name, tok_dir / name)
-    from .card import summarize_log, weight_sums, write_card
+        copy_file(TOKENIZER_DIR / name, tok_dir / name)
 
     vae_meta = json.loads((workdir / "vae.safetensors.json").read_text())["meta"]
     record = {
@@ -615,17 +611,107 @@ def export(workdir: Path, out: Path, use_ema: bool = True) -> Path:
                  "unet": summarize_log(workdir / "unet_log.jsonl", meta["step"])},
         "sha256": weight_sums(out),  # load_pipeline checks these
     }
+    record["rebuild"] = rebuild_commands(record, UNetConfig())  # load_pipeline prints these for a damaged folder
     (Path(out) / "training.json").write_text(json.dumps(record, indent=1))
     write_card(out)
     return Path(out)
 
 
+TEXT_PREFIX = "text_model."
+
+
+def canonical_text_encoder_keys(folder: Path) -> bool:
+    """Rewrite ``folder/text_encoder``'s weights so every key carries CLIP's ``text_model.`` prefix.
+
+    transformers 5.x saves a ``CLIPTextModel`` without the prefix and reads both spellings; 4.x reads only the
+    prefixed one and, given the other, initialises the text encoder at random with nothing but a warning. The
+    prefixed names are the ones every supported version reads (tests/test_weights_load_exactly.py checks it,
+    and scripts/test_oldest.sh runs that test on the oldest versions). The tensors are unchanged. Returns
+    whether anything was rewritten."""
+    from safetensors.torch import load_file, save_file
+
+    changed = False
+    for f in sorted((Path(folder) / "text_encoder").glob("*.safetensors")):
+        tensors = load_file(f)
+        if all(k.startswith(TEXT_PREFIX) for k in tensors):
+            continue
+        atomic_write(f, lambda tmp, t=tensors: save_file(
+            {(k if k.startswith(TEXT_PREFIX) else TEXT_PREFIX + k): v.contiguous() for k, v in t.items()},
+            str(tmp), metadata={"format": "pt"}))
+        changed = True
+    return changed
+
+
+def canonicalise(folder: Path, results: Path = RESULTS_DIR) -> list[Path]:
+    """Give an exported folder canonical text-encoder key names (:func:`canonical_text_encoder_keys`) and keep
+    everything measured on it valid: its ``training.json`` checksums are refreshed, and each benchmark record
+    in ``results`` whose model fingerprint was the folder's old one is restamped with the new fingerprint,
+    after checking that every tensor is the same (so the folder still generates the same images). Returns the
+    records restamped."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    before_fp = fingerprint(folder)
+    before = {f: load_file(f) for f in sorted((folder / "text_encoder").glob("*.safetensors"))}
+    if not canonical_text_encoder_keys(folder):
+        return []
+    for f, old in before.items():
+        new = load_file(f)
+        assert len(new) == len(old) and all(torch.equal(new[TEXT_PREFIX + k.removeprefix(TEXT_PREFIX)], v)
+                                            for k, v in old.items()), f"{f}: tensors changed while renaming keys"
+    record_path = folder / "training.json"
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        record["sha256"] = weight_sums(folder)
+        record_path.write_text(json.dumps(record, indent=1))
+    after_fp, restamped = fingerprint(folder), []
+    for r in sorted(Path(results).glob("*.json")):
+        text = r.read_text()
+        if before_fp in text:
+            r.write_text(text.replace(before_fp, after_fp))
+            restamped.append(r)
+    return restamped
+
+
+def record_rebuild(folder: Path) -> Path:
+    """Write (or refresh) the rebuild commands in ``folder/training.json`` from what it records; the rest of
+    the record is kept as it is. Returns the record's path."""
+    path = Path(folder) / "training.json"
+    record = json.loads(path.read_text())
+    record["rebuild"] = rebuild_commands(record, UNetConfig())
+    path.write_text(json.dumps(record, indent=1))
+    return path
+
+
+def card(folder: Path, results: Path = RESULTS) -> Path:
+    """The ``card`` stage: refresh ``training.json``'s rebuild commands and ``tokenizer/LICENSE``, then
+    rewrite the model card from the recorded results. Returns the card's path."""
+    folder = Path(folder)
+    record_rebuild(folder)
+    if (folder / "tokenizer").is_dir():
+        copy_file(TOKENIZER_DIR / "LICENSE", folder / "tokenizer" / "LICENSE")
+    return write_card(folder, results)
+
+
+def text_path_current(folder: Path = EMBEDDED, record: Path = TEXT_PATH) -> bool:
+    """Whether the text-path benchmark's record was measured on what it reads of ``folder`` (its VAE,
+    tokenizer and scheduler): a new UNet or text encoder alone leaves it valid."""
+    data = json.loads(Path(record).read_text()) if Path(record).is_file() else None
+    return bool(data) and text_path_applies(data, folder)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m attnlens.shapes.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tools.shapes_model.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["vae", "unet", "export", "card", "pack", "unpack"],
+    parser.add_argument("stage", choices=["vae", "unet", "export", "card", "pack", "unpack", "text-path-current",
+                                          "canonical-keys"],
                         help="card: rewrite the model card (README.md) of the --out folder from its training.json and "
-                        "benchmarks/results/shapes_quality.json (run it after benchmarks/shapes_quality.py)")
+                        "benchmarks/results/shapes_quality.json (run it after python -m benchmarks.shapes_quality), "
+                        "and refresh the rebuild commands in its training.json; text-path-current: exit status 0 "
+                        "if benchmarks/results/shapes_text_path.json fits the --out folder's (default: the "
+                        "embedded model's) VAE, tokenizer and scheduler, 1 if it must be rerun; canonical-keys: "
+                        "give the --out folder's text encoder the key names every supported transformers reads, "
+                        "refresh its checksums and restamp the benchmark records measured on it (same tensors)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/shapes"))
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
@@ -655,6 +741,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, default=None,
                         help="card: the quality bar's results (default benchmarks/results/shapes_quality.json)")
     args = parser.parse_args(argv)
+    if args.stage == "text-path-current":
+        raise SystemExit(0 if text_path_current(args.out or EMBEDDED) else 1)
+    if args.stage == "canonical-keys":
+        for r in canonicalise(args.out or EMBEDDED):
+            print(f"restamped {r}")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -670,11 +762,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.stage == "unpack":
         print(unpack(args.pack, args.workdir))
     elif args.stage == "card":
-        from .card import RESULTS, write_card
-
         if args.out is None:
             parser.error("card needs --out (the exported model folder)")
-        print(write_card(args.out, args.results or RESULTS))
+        print(card(args.out, args.results or RESULTS))
     else:
         if args.out is None:
             parser.error("export needs --out")

@@ -1,4 +1,4 @@
-"""Atomic, pickle-free training checkpoints: model and optimizer state as safetensors + JSON."""
+"""Atomic, pickle-free training checkpoints of the Shapes training tool: model and optimizer state as safetensors + JSON."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp)`` on a sibling temporary path, then move it onto ``path`` (readers never see half a file)."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
@@ -41,9 +42,9 @@ def save_checkpoint(path: str | Path, modules: dict[str, torch.nn.Module], optim
                 else:
                     scalars.setdefault(str(index), {})[key] = float(value)
         side["optimizers"][name] = {"param_groups": state["param_groups"], "scalars": scalars}
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
     sidecar = path.with_name(path.name + ".json")
-    _atomic_write(sidecar, lambda tmp: tmp.write_text(json.dumps(side)))
+    atomic_write(sidecar, lambda tmp: tmp.write_text(json.dumps(side)))
 
 
 def load_checkpoint(path: str | Path, modules: dict[str, torch.nn.Module],

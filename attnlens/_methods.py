@@ -1,0 +1,420 @@
+"""The editing methods: their option types, their layer rules and their controllers, planned once per edit.
+
+Every method generates the source and the target together from the same start noise (a batch of two
+prompts, source first) and differs only in what it does to the target's attention:
+
+============ ==================================================================================
+``fpe``      self-attention at every level but the highest-resolution one, first 80% of steps,
+             conditional branch: target output = softmax(Q_src K_src^T / sqrt(d)) V_tgt
+``p2p``      Prompt-to-Prompt: cross-attention maps replaced (word swap) or aligned (refine), optional
+             reweighting and local blend, plus a self-attention map copy at the low-resolution levels
+``cross``    cross-attention replacement only (the configuration the paper blames for leakage)
+``masactrl`` target queries attend to the source's keys and values in the decoder's upper levels
+``none``     the target prompt from the same noise, nothing injected
+============ ==================================================================================
+
+Defaults are the reference codes' settings expressed relative to the model (levels by their size
+relative to the model's finest attention level, steps as fractions of the schedule), so they mean the
+same on SD 1.5 at 512x512 (64x64 latents) and on the Shapes model (16x16 latents). :func:`plan` turns a
+method, its options and the two prompts into one :class:`EditPlan` (settings, limits, alignment and
+controllers computed once, against one layer table) that :func:`attnlens.edit` executes;
+:func:`default_layers` lists the layers a method edits on a given model.
+
+Imports the mechanism (``_control``, ``_select``, ``_layers``, ``_prompts``); imported by ``_editing``
+(which runs plans) and by the cache (the P2P layer rule).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ._control import Controller, Site
+from ._hooks import MapEdit
+from ._errors import AttnlensError, choices
+from ._layers import LayerInfo, LayerTable, layers as list_layers
+from ._prompts import alignment, token_indices, tokenize
+from ._select import Selector
+
+
+# ------------------------------------------------------------------------------------------ options
+@dataclass(frozen=True)
+class FPEOptions:
+    """``fpe``: Free-Prompt Editing (Liu et al. 2024).
+
+    Args:
+        max_resolution: edit self-attention layers whose query grid side is at most this (default: half the side
+            of the model's finest attention level, i.e. every level but that one: 32, 16 and 8 on SD 1.5 at
+            512x512, the official code's rule; 32 on SDXL at 1024x1024, which has no attention at 128).
+        steps: which denoising steps (anything a :class:`Selector` takes; default the first 80%).
+        branch: ``"cond"`` (the official code), ``"uncond"`` or ``"both"``.
+        path: ``"fused"`` (source Q, K into fused attention) or ``"explicit"`` (materialised map, the reference).
+    """
+
+    max_resolution: int | None = None
+    steps: Any = (0.0, 0.8)
+    branch: str = "cond"
+    path: str = "fused"
+
+
+@dataclass(frozen=True)
+class P2POptions:
+    """``p2p``: Prompt-to-Prompt (Hertz et al. 2022).
+
+    Args:
+        mode: ``"replace"`` (prompts with the same number of tokens: every target token takes the source's map),
+            ``"refine"`` (token alignment: aligned tokens take the source's map, new tokens keep their own), or
+            ``"auto"`` (replace when the token counts match, else refine).
+        cross_replace_steps: steps (fraction of the schedule, or a Selector step spec) of cross-attention editing.
+        self_replace_steps: steps of the self-attention map copy (``0`` or ``None``: no copy).
+        self_max_resolution: self-attention levels copied (default: a quarter of the side of the finest attention
+            level: 16 and 8 on SD 1.5 at 512x512, the reference code's rule).
+        reweight: ``{word of the target prompt: factor}`` scaling that word's cross-attention.
+        local_blend: ``(source word, target word)``: outside their cross-attention masks the target latent
+            is reset to the source's after each step (from ``blend_start`` of the schedule).
+        blend_threshold: mask threshold on the max-normalised map (0.3 in the reference code).
+        blend_start: fraction of the steps before blending starts (0.2).
+    """
+
+    mode: str = "auto"
+    cross_replace_steps: Any = 0.8
+    self_replace_steps: Any = 0.4
+    self_max_resolution: int | None = None
+    reweight: dict | None = None
+    local_blend: tuple[str, str] | None = None
+    blend_threshold: float = 0.3
+    blend_start: float = 0.2
+
+
+@dataclass(frozen=True)
+class CrossOptions:
+    """``cross``: cross-attention replacement only (P2P's cross part, no self copy, no blend).
+
+    Args:
+        mode: ``"replace"``, ``"refine"`` or ``"auto"`` as for ``p2p``.
+        cross_replace_steps: steps of replacement (default the first 80%).
+    """
+
+    mode: str = "auto"
+    cross_replace_steps: Any = 0.8
+
+
+@dataclass(frozen=True)
+class MasaCtrlOptions:
+    """``masactrl``: mutual self-attention (Cao et al. 2023).
+
+    Args:
+        start_step: first edited step, as a fraction of the schedule (4 of 50 in the reference code: 0.08).
+        min_resolution: decoder self-attention layers whose query grid side is at least this (default: half the
+            side of the finest attention level, i.e. the decoder's two upper attention levels: the reference's
+            "from the 10th layer" on SD 1.5).
+        branch: ``"both"`` (the reference code edits both halves), ``"cond"`` or ``"uncond"``.
+    """
+
+    start_step: float = 0.08
+    min_resolution: int | None = None
+    branch: str = "both"
+
+
+@dataclass(frozen=True)
+class NoneOptions:
+    """``none``: regenerate with the target prompt from the same noise."""
+
+
+METHODS: dict[str, type] = {"fpe": FPEOptions, "p2p": P2POptions, "cross": CrossOptions,
+                            "masactrl": MasaCtrlOptions, "none": NoneOptions}
+"""The editing methods and their option types."""
+
+
+def options_for(method: str, options: dict) -> Any:
+    """The option object of ``method`` built from keyword ``options``; a clear error for unknown names or values.
+
+    Example:
+        >>> options_for("fpe", {"max_resolution": 8})
+        FPEOptions(max_resolution=8, steps=(0.0, 0.8), branch='cond', path='fused')
+    """
+    if method not in METHODS:
+        raise AttnlensError(f"unknown editing method {method!r}; valid: {choices(METHODS)}")
+    cls = METHODS[method]
+    names = [f.name for f in dataclasses.fields(cls)]
+    bad = [k for k in options if k not in names]
+    if bad:
+        raise AttnlensError(f"unknown option(s) {bad} for method {method!r}; valid: {choices(names) if names else 'none'}")
+    opts = cls(**options)
+    for key in ("branch",):
+        if hasattr(opts, key) and getattr(opts, key) not in ("cond", "uncond", "both"):
+            raise AttnlensError(f"{key} must be 'cond', 'uncond' or 'both', not {getattr(opts, key)!r}")
+    if getattr(opts, "path", "fused") not in ("fused", "explicit"):
+        raise AttnlensError(f"path must be 'fused' or 'explicit', not {opts.path!r}")
+    if getattr(opts, "mode", "auto") not in ("auto", "replace", "refine"):
+        raise AttnlensError(f"mode must be 'auto', 'replace' or 'refine', not {opts.mode!r}")
+    return opts
+
+
+def _fraction_steps(spec: Any) -> Any:
+    """A bare number ``f`` means the first ``f`` of the schedule; anything else is a Selector step spec."""
+    if isinstance(spec, float) or (isinstance(spec, int) and not isinstance(spec, bool) and spec in (0, 1)):
+        return (0.0, float(spec))
+    return spec
+
+
+# ------------------------------------------------------------------------------------------ layer rules
+def p2p_layers(table: list[LayerInfo]) -> list[str]:
+    """Prompt-to-Prompt's layers for its word maps (local blend, the cache's :meth:`~attnlens.AttentionCache.p2p_maps`):
+    cross-attention of the down and up blocks at the coarsest level they reach, the mid block excluded (relative to
+    the model: the 16x16 maps of SD 1.x at 512x512, the 8x8 maps of the Shapes model).
+
+    Example:
+        >>> from attnlens._testing import tiny_pipeline
+        >>> p2p_layers(list_layers(tiny_pipeline()))
+        ['down.0.0.cross', 'up.1.0.cross', 'up.1.1.cross']
+    """
+    cands = [i for i in table if i.kind == "cross" and not i.name.startswith("mid")]
+    if not cands:
+        raise AttnlensError("Prompt-to-Prompt's recipe needs cross-attention layers of the down and up blocks; none was captured")
+    deepest = max(i.level for i in cands)
+    return [i.name for i in cands if i.level == deepest]
+
+
+def _limits(method: str, opts: Any, table: Any, hw: tuple[int, int]) -> dict[str, int]:
+    """The resolution thresholds in force, defaults resolved against the model's finest attention level."""
+    sides = [max(i.grid(hw)) for i in table if i.kind == "self"]
+    top = max(sides) if sides else max(hw)  # SD 1.5 at 512: 64; SDXL at 1024: 64 (no attention at 128)
+    if method == "fpe":
+        return {"max_resolution": opts.max_resolution if opts.max_resolution is not None else top // 2}
+    if method == "masactrl":
+        return {"min_resolution": opts.min_resolution if opts.min_resolution is not None else top // 2}
+    if method == "p2p":
+        return {"self_max_resolution": opts.self_max_resolution if opts.self_max_resolution is not None else top // 4}
+    return {}
+
+
+def _selectors(method: str, opts: Any, table: Any, hw: tuple[int, int], lim: dict[str, int]) -> list[tuple[str, Selector]]:
+    """``(controller kind, selector)`` for each controller of a method."""
+
+    def res(i: Any) -> int:  # the layer's query grid side at this latent size
+        return max(i.grid(hw))
+
+    if method == "fpe":
+        limit = lim["max_resolution"]
+        return [("fpe", Selector(kind="self", layers=lambda i: res(i) <= limit, steps=_fraction_steps(opts.steps),
+                                 branch=opts.branch))]
+    if method == "masactrl":
+        limit = lim["min_resolution"]
+        return [("kv", Selector(kind="self", layers=lambda i: i.name.startswith("up.") and res(i) >= limit,
+                                steps=(float(opts.start_step), 1.0), branch=opts.branch))]
+    if method in ("p2p", "cross"):
+        out = [("cross", Selector(kind="cross", steps=_fraction_steps(opts.cross_replace_steps)))]
+        if method == "p2p" and opts.self_replace_steps:
+            limit = lim["self_max_resolution"]
+            # the default level may not exist on a small model: then there is no self copy (an explicit
+            # self_max_resolution that matches nothing is an error, from the selector)
+            if opts.self_max_resolution is not None or any(res(i) <= limit for i in table if i.kind == "self"):
+                out.append(("copy", Selector(kind="self", layers=lambda i: res(i) <= limit,
+                                             steps=_fraction_steps(opts.self_replace_steps))))
+        return out
+    return []
+
+
+# ------------------------------------------------------------------------------------------ the plan
+@dataclass(frozen=True)
+class EditPlan:
+    """What an edit does, computed once: the method's options and limits, the controllers with their layers.
+
+    Attributes:
+        method: the method's name; ``options``: its option object (:class:`FPEOptions`, ...).
+        limits: the resolution thresholds in force (defaults resolved against the model).
+        mode: for ``p2p`` and ``cross``, the alignment mode used (``"auto"`` resolved), else ``None``.
+        controllers: the controllers to install, in order; ``layers``: ``{controller class name: layer names}``.
+        settings: the method and every option as plain values (an edit adds its sampling settings, the limits
+            and the mode).
+        blend_layers: the layers whose maps a ``p2p`` local blend reads (else empty).
+    """
+
+    method: str
+    options: Any
+    limits: dict
+    mode: str | None
+    controllers: list
+    layers: dict
+    settings: dict
+    blend_layers: list
+
+
+def plan(pipe: Any, method: str, options: Any, source: str, target: str, latent_hw: tuple[int, int],
+         table: LayerTable | None = None) -> EditPlan:
+    """Plan an edit of ``source`` into ``target`` with ``method`` at latents of ``latent_hw`` (``(h, w)``).
+
+    ``options`` is the method's option object or a dict of its keywords.
+
+    Example:
+        >>> from attnlens._testing import tiny_pipeline
+        >>> p = plan(tiny_pipeline(), "fpe", {}, "a red star", "a blue star", (8, 8))
+        >>> p.layers, p.limits
+        ({'InjectQK': ['mid.0.self']}, {'max_resolution': 4})
+    """
+    opts = options_for(method, options) if isinstance(options, dict) else options
+    table = list_layers(pipe) if table is None else table
+    hw = tuple(latent_hw)
+    lim = _limits(method, opts, table, hw)
+    mode = None
+    mapper = alpha = None
+    if method in ("p2p", "cross"):
+        mapper, alpha, mode = alignment(pipe.tokenizer, source, target, opts.mode)
+    ctrls: list[Controller] = []
+    for tag, sel in _selectors(method, opts, table, hw, lim):
+        if tag == "fpe":
+            ctrls.append(InjectQK(sel) if opts.path == "fused" else CopyMap(sel))
+        elif tag == "kv":
+            ctrls.append(InjectKV(sel))
+        elif tag == "copy":
+            ctrls.append(CopyMap(sel))
+        else:
+            scale = None
+            if getattr(opts, "reweight", None):
+                tokens = tokenize(pipe.tokenizer, target)[0]
+                factors = torch.ones(len(mapper))
+                for word, f in opts.reweight.items():
+                    factors[token_indices(tokens, word)] = float(f)
+                scale = {1: factors}
+            ctrls.append(CrossMapEdit(sel, {1: mapper}, {1: alpha}, scale, None))
+    edited = {type(c).__name__: [i.name for i in c.selector.match(table)] for c in ctrls}
+    settings = {"method": method, **dataclasses.asdict(opts)}
+    blend = p2p_layers(table) if getattr(opts, "local_blend", None) is not None else []
+    return EditPlan(method, opts, lim, mode, ctrls, edited, settings, blend)
+
+
+def default_layers(pipe_or_unet: Any, method: str = "fpe", latent_size: tuple[int, int] | None = None,
+                   **options: Any) -> list[str]:
+    """The attention layers ``method`` edits on a model with these options (names, in execution order).
+
+    The defaults are relative to the model's finest attention level: ``fpe`` edits self-attention at every
+    level but that one, ``p2p`` copies self-attention at a quarter of its side and below, ``masactrl``
+    edits the decoder's self-attention at half its side and above. Works on a pipeline or a bare UNet
+    (also on the ``meta`` device). ``latent_size``: ``(h, w)`` of the latents (default: the UNet's).
+
+    Example:
+        >>> from attnlens._testing import tiny_pipeline
+        >>> default_layers(tiny_pipeline(), "fpe")
+        ['mid.0.self']
+        >>> default_layers(tiny_pipeline(), "masactrl")
+        ['up.1.0.self', 'up.1.1.self']
+    """
+    opts = options_for(method, options)
+    table = list_layers(pipe_or_unet)
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    hw = tuple(latent_size) if latent_size is not None else (unet.config.sample_size, unet.config.sample_size)
+    names = set()
+    for _, sel in _selectors(method, opts, table, hw, _limits(method, opts, table, hw)):
+        names |= {i.name for i in sel.match(table)}
+    return [i.name for i in table if i.name in names]
+
+
+# ------------------------------------------------------------------------------------------ controllers
+def _pairs(site: Site, branch: str) -> list[tuple[int, int]]:
+    """``(source row, target row)`` for every target prompt (1..n-1) in the selected branches."""
+    return [(site.row(0, b), site.row(t, b)) for b in site.branches(branch) for t in range(1, site.n_prompts)]
+
+
+class _InjectRows(Controller):
+    """Target rows of two of q, k, v (``parts``) := the source's; attention stays fused."""
+
+    parts: tuple[int, int]  # indices into (q, k, v)
+
+    def rewrite(self, site: Site, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pairs = _pairs(site, self.selector.branch)
+        if not pairs:
+            return q, k, v
+        rows = list(range(q.shape[0]))
+        for s, t in pairs:
+            rows[t] = s
+        index = torch.tensor(rows, device=q.device)
+        qkv = [q, k, v]
+        for i in self.parts:  # one gather per tensor: every row from itself, targets from their source
+            qkv[i] = qkv[i].index_select(0, index)
+        return tuple(qkv)
+
+
+class InjectQK(_InjectRows):
+    """Free-Prompt Editing, fused: target queries and keys := the source's, so the target's output is
+    ``softmax(Q_src K_src^T / sqrt(d)) V_tgt`` without materialising the map.
+
+    The built-in controllers work on a batch ``[source, target, ...]`` (prompt 0 is the source) and compose
+    with :func:`attnlens.control` like any :class:`~attnlens.Controller`.
+
+    Example (FPE by hand on the mid block, source and target in one batch):
+        >>> import torch
+        >>> from attnlens import Selector, control
+        >>> from attnlens._testing import tiny_pipeline
+        >>> pipe = tiny_pipeline()
+        >>> with control(pipe, InjectQK(Selector(kind="self", layers="mid.*", steps=(0.0, 0.8)))):
+        ...     out = pipe(["a red star", "a blue star"], num_inference_steps=2, output_type="pt",
+        ...                generator=torch.Generator().manual_seed(0)).images
+        >>> out.shape
+        torch.Size([2, 3, 16, 16])
+    """
+
+    parts = (0, 1)
+
+
+class CopyMap(Controller):
+    """The target's attention map := the source's (explicit map: FPE's reference path, P2P's self copy)."""
+
+    def edit_map(self, site: Site) -> MapEdit | None:
+        pairs = _pairs(site, self.selector.branch)
+        if not pairs:
+            return None
+
+        def fn(start: int, probs: torch.Tensor) -> torch.Tensor:
+            probs = probs.clone()
+            for s, t in pairs:
+                probs[t] = probs[s]
+            return probs
+
+        return fn
+
+
+class InjectKV(_InjectRows):
+    """MasaCtrl's mutual self-attention: target queries attend to the source's keys and values."""
+
+    parts = (1, 2)
+
+
+class CrossMapEdit(Controller):
+    """Prompt-to-Prompt on cross-attention maps of each target prompt ``t`` (branch per the selector).
+
+    ``mapper[t]``: ``(77,)`` source token index for each target token; ``alpha[t]``: ``(77,)`` 1 where the
+    target token takes the source's (mapped) map, 0 where it keeps its own; ``scale[t]``: ``(77,)`` factors
+    applied afterwards (reweighting). ``replace`` is off on steps outside ``replace_steps``.
+    """
+
+    def __init__(self, selector: Selector, mapper: dict[int, torch.Tensor], alpha: dict[int, torch.Tensor],
+                 scale: dict[int, torch.Tensor] | None, replace_steps: set[int] | None) -> None:
+        super().__init__(selector)
+        self.mapper, self.alpha, self.scale, self.replace_steps = mapper, alpha, scale or {}, replace_steps
+
+    def edit_map(self, site: Site) -> MapEdit | None:
+        replace = self.replace_steps is None or site.step in self.replace_steps
+        todo = [(b, t) for b in site.branches(self.selector.branch) for t in range(1, site.n_prompts)
+                if (replace and t in self.mapper) or t in self.scale]
+        if not todo:
+            return None
+
+        def fn(start: int, probs: torch.Tensor) -> torch.Tensor:
+            probs = probs.clone()
+            for b, t in todo:
+                s_row, t_row = site.row(0, b), site.row(t, b)
+                cur = probs[t_row]
+                if replace and t in self.mapper:
+                    a = self.alpha[t].to(probs.device)
+                    cur = probs[s_row][..., self.mapper[t].to(probs.device)] * a + cur * (1 - a)
+                if t in self.scale:
+                    cur = cur * self.scale[t].to(probs.device)
+                probs[t_row] = cur
+            return probs
+
+        return fn
