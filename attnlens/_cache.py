@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import numbers
 import warnings
@@ -137,6 +138,8 @@ class AttentionCache:
         ``size`` defaults to the largest captured grid; smaller grids are upsampled bilinearly. ``heads``
         (indices, or one index) averages only those heads; it needs maps captured with ``heads="all"``.
         """
+        layers = [layers] if isinstance(layers, str) else layers  # one layer's name
+        steps = [steps] if isinstance(steps, int) else steps
         names = [n for n, i in self.layers.items() if i.kind == kind] if layers is None else list(layers)
         for n in names:
             if n not in self.layers:
@@ -289,15 +292,30 @@ class AttentionCache:
 
     @classmethod
     def load(cls, path: str | Path) -> "AttentionCache":
-        """Read a cache written by :meth:`save`."""
+        """Read a cache written by :meth:`save`.
+
+        The file is checked before anything is read from it (:func:`attnlens._identity.safetensors_problem`: a
+        safetensors file, complete, not a renamed pickle), then its metadata (every field :meth:`save` writes,
+        no other, each of its type) and its tensors (floating-point ``(items, heads, h, w, keys)`` maps named
+        ``layer@step`` of captured layers); an :class:`AttnlensError` naming the file says what is wrong.
+
+        Example:
+            >>> import tempfile, torch
+            >>> from attnlens import capture
+            >>> from attnlens._testing import tiny_pipeline
+            >>> pipe = tiny_pipeline()
+            >>> with capture(pipe, layers="mid.0.cross") as cache:
+            ...     _ = pipe("a red star", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+            >>> back = AttentionCache.load(cache.save(Path(tempfile.mkdtemp()) / "maps.safetensors"))
+            >>> torch.equal(back["mid.0.cross", 1], cache["mid.0.cross", 1]), back.words()
+            (True, ['a', 'red', 'star'])
+        """
         from safetensors import safe_open
 
+        path = Path(path)
+        meta, header = _check_file(path)
+        cache = cls({n: LayerInfo.from_dict(d) for n, d in meta["layers"].items()})
         with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("attnlens")
-            if raw is None:
-                raise AttnlensError(f"{path} is not an attnlens cache (no 'attnlens' metadata)")
-            meta = json.loads(raw)
-            cache = cls({n: LayerInfo.from_dict(d) for n, d in meta["layers"].items()})
             for key in f.keys():
                 layer, step = key.rsplit("@", 1)
                 cache.maps[(layer, None if step == "reduced" else int(step))] = f.get_tensor(key)
@@ -306,3 +324,78 @@ class AttentionCache:
         cache._counts, cache._reduce = meta["counts"], meta["reduce"]
         cache._heads = meta.get("heads")  # absent in files written before it was recorded
         return cache
+
+
+_META_FIELDS = {"layers": dict, "items": list, "steps": list, "latent_hw": list, "tokens": list, "counts": dict,
+                "reduce": (str, type(None))}
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def _check_file(path: Path) -> tuple[dict, dict]:
+    """``(metadata, safetensors header)`` of a cache file; an :class:`AttnlensError` naming the file and the problem."""
+    from ._identity import safetensors_header, safetensors_problem
+
+    def bad(problem: str) -> AttnlensError:
+        return AttnlensError(f"cannot load the attention cache {path}: it {problem}. A cache file is what "
+                             "AttentionCache.save wrote; save it again from a capture")
+
+    if not path.is_file():
+        raise bad("does not exist" if not path.exists() else "is not a file")
+    problem = safetensors_problem(path)
+    if problem is not None:
+        raise bad(problem)
+    _, header = safetensors_header(path)
+    stored = header.get("__metadata__") or {}
+    names = [k for k in header if k != "__metadata__"]
+    if "__item__" in names or any("|" in n for n in names):
+        raise bad("is a shard of attnlens.collect, not an attention cache; read its directory with "
+                  "attnlens.load_features(DIR)")
+    raw = stored.get("attnlens") if isinstance(stored, dict) else None
+    if raw is None:
+        raise bad("has no 'attnlens' metadata, so it is not an attnlens cache")
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise bad(f"has damaged metadata (not valid JSON: {exc})") from None
+    if not isinstance(meta, dict):
+        raise bad(f"has damaged metadata (a JSON {type(meta).__name__}, not an object)")
+    missing, extra = sorted(set(_META_FIELDS) - set(meta)), sorted(set(meta) - set(_META_FIELDS))
+    if missing or extra:
+        what = "; ".join(x for x in (f"missing field(s) {missing}" if missing else "",
+                                     f"unknown field(s) {extra}" if extra else "") if x)
+        raise bad(f"has damaged metadata ({what}; a cache has exactly {sorted(_META_FIELDS)})")
+    for name, kind in _META_FIELDS.items():
+        if not isinstance(meta[name], kind):
+            raise bad(f"has damaged metadata (field {name!r} is a {type(meta[name]).__name__})")
+    layers = {}
+    for n, d in meta["layers"].items():
+        try:
+            layers[n] = LayerInfo.from_dict(d)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise bad(f"has damaged metadata (layer {n!r} is not a layer record: {type(exc).__name__} {exc}; a "
+                      f"record has {', '.join(f.name for f in dataclasses.fields(LayerInfo) if f.name != 'module')})") from None
+    try:
+        items = [(str(b), int(p)) for b, p in meta["items"]]
+        if len(meta["latent_hw"]) != 2 or not all(isinstance(x, int) for x in meta["latent_hw"]):
+            raise ValueError("latent_hw")
+        if not all(isinstance(x, int) for x in meta["steps"]) or not all(
+                isinstance(row, list) and all(isinstance(t, str) for t in row) for row in meta["tokens"]) or not all(
+                isinstance(c, int) and c >= 1 for c in meta["counts"].values()):
+            raise ValueError("steps, tokens or counts")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise bad(f"has damaged metadata ({type(exc).__name__}: {exc})") from None
+    if meta["reduce"] not in (None, "mean", "sum"):
+        raise bad(f"has damaged metadata (reduce is {meta['reduce']!r}, not None, 'mean' or 'sum')")
+    for key in names:
+        layer, _, step = key.rpartition("@")
+        t = header[key]
+        if layer not in layers or not (step.isdigit() and int(step) in meta["steps"]
+                                       or step == "reduced" and meta["reduce"] is not None and layer in meta["counts"]):
+            raise bad(f"holds a tensor {key!r} that is no map of its layers {sorted(layers)} at its steps "
+                      f"{meta['steps']} (reduce={meta['reduce']!r})")
+        if t.get("dtype") not in _FLOAT_DTYPES:
+            raise bad(f"holds {t.get('dtype')} maps ({key!r}); a cache holds floating-point maps ({', '.join(_FLOAT_DTYPES)})")
+        shape = t.get("shape") or []
+        if len(shape) != 5 or shape[0] != len(items):
+            raise bad(f"holds a map {key!r} of shape {shape}, not (items={len(items)}, heads, h, w, keys)")
+    return meta, header

@@ -49,6 +49,9 @@ class _Recorder:
         if not first:
             return
         self.steps = self.sel.step_indices(self.clock.n_steps)
+        if not self.steps:
+            raise AttnlensError(f"steps={self.sel.steps!r} selects none of this run's {self.clock.n_steps} steps "
+                                f"(0..{self.clock.n_steps - 1}), so nothing would be captured")
         self.rows = self.sel.batch_items(batch, self.clock.cfg)
         self.cache._begin(self.rows, sorted(self.steps), self.clock.latent_hw)
         estimate = sum(self._bytes(info) for info in self.chosen)
@@ -161,8 +164,7 @@ def capture(
             kind = "cross"
         selector = Selector(layers=layers, kind=kind, resolution=resolution, steps=steps, heads=heads,
                             branch=branch, prompts=prompts)
-    if reduce not in (None, "mean", "sum"):
-        raise AttnlensError(f"reduce must be None, 'mean' or 'sum', not {reduce!r}")
+    _check_arguments(reduce, selector.steps, dtype, store_resolution, budget)
     chosen = selector.match(list_layers(pipe))
     tokenizer = getattr(pipe, "tokenizer", None)
     cache = AttentionCache({i.name: i for i in chosen}, tokenizer=tokenizer)
@@ -175,8 +177,42 @@ def capture(
         handle = text.register_forward_pre_hook(cache._text_pre_hook, with_kwargs=True) if text is not None else None
         try:
             yield cache
+        except ZeroDivisionError as exc:  # diffusers' schedulers divide by num_inference_steps=0
+            _check_ran(pipe, recorder, exc)
+            raise
         finally:
             if handle is not None:
                 handle.remove()
+        _check_ran(pipe, recorder, None)
     finally:
         detach()
+
+
+def _check_arguments(reduce: Any, steps: Any, dtype: Any, store_resolution: Any, budget: Any) -> None:
+    """An :class:`AttnlensError` naming the first of capture's storage arguments that is not valid."""
+    if reduce not in (None, "mean", "sum"):
+        raise AttnlensError(f"reduce must be None, 'mean' or 'sum', not {reduce!r}")
+    if isinstance(steps, (list, tuple, range)) and len(steps) == 0:
+        raise AttnlensError(f"steps={steps!r} selects no step, so nothing would be captured; give None (every step), "
+                            "a step index, a non-empty list, a slice or a fraction range (start, end)")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise AttnlensError(f"dtype must be a floating-point torch dtype (torch.float16, torch.bfloat16, torch.float32, "
+                            f"torch.float64), not {dtype!r}")
+    if store_resolution is not None and (isinstance(store_resolution, bool) or not isinstance(store_resolution, int)
+                                         or store_resolution < 1):
+        raise AttnlensError(f"store_resolution must be None (the layer's grid) or a grid side >= 1 (int), not "
+                            f"{store_resolution!r}")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+        raise AttnlensError(f"budget must be a number of bytes > 0 (e.g. budget=2 << 30 for 2 GiB), not {budget!r}")
+
+
+def _check_ran(pipe: Any, recorder: _Recorder, exc: BaseException | None) -> None:
+    """An error when the pipeline's schedule had no step (``num_inference_steps <= 0``) and nothing was captured.
+
+    The scheduler records the step count it was asked for before dividing by it, so ``num_inference_steps=0``
+    (diffusers raises ``ZeroDivisionError``) and ``-1`` (the loop runs no step) are both caught here."""
+    n = getattr(getattr(pipe, "scheduler", None), "num_inference_steps", None)
+    if recorder.steps or not isinstance(n, int) or n > 0:
+        return
+    raise AttnlensError(f"the pipeline was called with num_inference_steps={n}: it must be >= 1, and no attention "
+                        "was captured") from exc

@@ -19,6 +19,7 @@ On disk (``out=DIR``)::
     DIR/config.json                       what was collected (checked on resume)
     DIR/shards/shard-000000.safetensors   rows of ``shard_size`` generations: one tensor per feature key
     DIR/index.csv                         one row per generation: item, prompt, seed, labels, shard, row
+    DIR/.attnlens.lock                    the directory's lock (its last owner's host and pid inside)
 
 A shard is written to a temporary name and renamed, so a shard file that exists is complete; a rerun
 with the same arguments skips the shards that exist (resume), and ``index.csv`` is written once every
@@ -26,6 +27,12 @@ shard is there. Under ``accelerate launch`` (or ``torchrun``) shard ``k`` is mad
 ``k % world_size`` and rank 0 writes the one merged index. On a machine without GPUs,
 ``accelerate launch --multi_gpu --num_processes 2 script.py`` starts the processes (its ``--cpu`` mode
 runs one process unless MPI is set up); ``torchrun --nproc_per_node 2 script.py`` works too.
+
+The config check and the config and index writes hold the directory's lock (an exclusive ``flock`` on
+``DIR/.attnlens.lock``, released by the system when its process dies, so a dead writer's lock is taken
+over): two writers with different settings cannot both pass the check, the second fails naming the lock.
+Temporary names carry the writer's host and pid (``.NAME.tmp-HOST-PID``); a writer removes only its own and
+those of dead processes, never a live writer's in-flight file.
 
 Imports capture, prompts, selection and the feature storage; imported by the package's front.
 """
@@ -36,7 +43,10 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import numbers
 import os
+import socket
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, Union
@@ -46,7 +56,7 @@ import pandas as pd
 import torch
 
 from ._capture import capture
-from ._errors import AttnlensError, choices
+from ._errors import AttnlensError, check_int, choices
 from ._features import FORMAT, SELF, Features, Key, _key_str, load_features, shard_path, site_name
 from ._identity import fingerprint
 from ._layers import LayerTable, layers as list_layers
@@ -68,6 +78,9 @@ def _table(data: Any, labels: Any, seeds: Any) -> tuple[pd.DataFrame, np.ndarray
     else:
         if isinstance(data, str) or hasattr(data, "prompt_row"):
             data = [data]
+        if data is None or isinstance(data, Mapping) or not hasattr(data, "__iter__"):
+            raise AttnlensError(f"data must be prompts: a list of str, shapes Scenes or Examples (any object with "
+                                f"prompt_row()), or a DataFrame with a 'prompt' column; not {type(data).__name__}")
         data = list(data)
         if not data:
             raise AttnlensError("no prompts given: pass a list of prompts, shapes Scenes or Examples, or a DataFrame")
@@ -99,7 +112,7 @@ def _table(data: Any, labels: Any, seeds: Any) -> tuple[pd.DataFrame, np.ndarray
         rows["seed"] = rows["seed"].astype(int)
         rows["prompt"] = rows["prompt"].astype(str)
         return rows, np.arange(len(rows)), len(rows)
-    seeds = [0] if seeds is None else (list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds])
+    seeds = _seed_list(seeds)
     if not seeds:
         raise AttnlensError("seeds is empty: give a count (seeds=4) or a list of seeds")
     n_input = len(rows)
@@ -107,6 +120,22 @@ def _table(data: Any, labels: Any, seeds: Any) -> tuple[pd.DataFrame, np.ndarray
     rows.insert(1, "seed", np.tile(seeds, n_input))
     rows["prompt"] = rows["prompt"].astype(str)
     return rows, np.repeat(np.arange(n_input), len(seeds)), n_input
+
+
+def _seed_list(seeds: Any) -> list[int]:
+    """The seeds of ``seeds=``: ``None`` is seed 0, a count ``n`` is ``0..n-1``, else a list of ints."""
+    if seeds is None:
+        return [0]
+    if isinstance(seeds, numbers.Integral) and not isinstance(seeds, bool):
+        check_int("seeds", seeds, minimum=1)
+        return list(range(int(seeds)))
+    if isinstance(seeds, (str, bytes, Mapping)) or not hasattr(seeds, "__iter__"):
+        raise AttnlensError(f"seeds must be a count (seeds=4: seeds 0..3) or a list of int seeds, not {seeds!r}")
+    seeds = list(seeds)
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 0]
+    if bad:
+        raise AttnlensError(f"seeds holds {bad[0]!r}; each seed must be an int >= 0")
+    return [int(s) for s in seeds]
 
 
 def _resolve_words(words: Any, rows: pd.DataFrame, n_input: int, per_item: np.ndarray) -> dict[str, list]:
@@ -286,8 +315,56 @@ def _keys(plan: _Plan) -> list[Key]:
 
 
 # ------------------------------------------------------------------------------------------ disk
+LOCK_NAME = ".attnlens.lock"
+LOCK_TIMEOUT = 60.0  # seconds a writer waits for another's config check or index write (each takes well under one)
+
+
+def _host() -> str:
+    return socket.gethostname().replace("-", "_") or "host"
+
+
+def _temp_name(path: Path) -> Path:
+    """A writer's own temporary name for ``path``: ``.NAME.tmp-HOST-PID`` (so no two writers share one)."""
+    return path.with_name(f".{path.name}.tmp-{_host()}-{os.getpid()}")
+
+
+def _alive(host: str, pid: int) -> bool:
+    """Whether process ``pid`` on ``host`` may still run (a process on another host is assumed to)."""
+    if host != _host():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _temp_owner(tmp: Path) -> tuple[str, int] | None:
+    """``(host, pid)`` of a temporary file's writer from its name (``None`` if it has none)."""
+    tail = tmp.name.rpartition(".tmp-")[2]
+    host, _, pid = tail.rpartition("-")
+    return (host or _host(), int(pid)) if pid.isdigit() else None
+
+
+def _clean_temps(folder: Path) -> list[Path]:
+    """Remove the temporary files in ``folder`` that this process or a dead one left; a live writer's stay.
+    Returns the removed paths."""
+    removed = []
+    for tmp in folder.glob(".*.tmp-*"):
+        owner = _temp_owner(tmp)
+        if owner is None:
+            continue
+        host, pid = owner
+        if (host == _host() and pid == os.getpid()) or not _alive(host, pid):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temp_name(path)
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -298,10 +375,95 @@ def _write_shard(path: Path, feats: dict[Key, np.ndarray], items: np.ndarray, ex
 
     tensors = {_key_str(k): np.ascontiguousarray(v, dtype=np.float32) for k, v in feats.items()}
     tensors["__item__"] = items.astype(np.int64)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"attnlens": json.dumps({"extra": extra, "rank": rank, "world": world},
-                                                                         default=str)})
-    os.replace(tmp, path)  # atomic: a shard file that exists is complete
+    tmp = _temp_name(path)
+    try:
+        save_file(tensors, str(tmp), metadata={"attnlens": json.dumps({"extra": extra, "rank": rank, "world": world},
+                                                                             default=str)})
+        os.replace(tmp, path)  # atomic: a shard file that exists is complete
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _dir_lock(root: Path, timeout: float | None = None) -> Iterator[Path]:
+    """Hold the feature directory's lock: an exclusive ``flock`` on ``DIR/.attnlens.lock`` with the owner's host
+    and pid written inside. The system releases a ``flock`` when its process dies, so the lock of a dead
+    writer is taken over; a live one is waited for up to ``timeout`` seconds (:data:`LOCK_TIMEOUT`), then an
+    :class:`AttnlensError` names the lock file and its owner. Where ``fcntl`` is missing (Windows) the lock
+    file itself is the lock (created exclusively; taken over when its owner's pid is dead)."""
+    timeout = LOCK_TIMEOUT if timeout is None else timeout
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / LOCK_NAME
+    me = json.dumps({"host": _host(), "pid": os.getpid(), "since": time.time()})
+    deadline = time.monotonic() + timeout
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        fcntl = None
+    if fcntl is None:  # pragma: no cover - Windows
+        while True:
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                break
+            except FileExistsError:
+                owner = _lock_owner(path)
+                if owner is not None and not _alive(owner.get("host", ""), int(owner.get("pid", -1))):
+                    path.unlink(missing_ok=True)
+                    continue
+                if time.monotonic() >= deadline:
+                    raise _lock_error(root, path, timeout) from None
+                time.sleep(0.05)
+        try:
+            os.write(fd, me.encode())
+            os.close(fd)
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except (BlockingIOError, PermissionError):
+                if time.monotonic() >= deadline:
+                    raise _lock_error(root, path, timeout) from None
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, me.encode(), 0)
+        try:
+            yield path
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _lock_owner(path: Path) -> dict | None:
+    try:
+        owner = json.loads(path.read_text())
+        return owner if isinstance(owner, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _lock_error(root: Path, path: Path, timeout: float) -> AttnlensError:
+    owner = _lock_owner(path) or {}
+    who = f"process {owner.get('pid', '?')} on {owner.get('host', '?')}"
+    return AttnlensError(f"the feature directory {root} is locked by {who} (lock file {path}), which held it for more "
+                         f"than {timeout:g} s: another collect is writing this directory. Wait for it or use another "
+                         "directory (the lock is released when that process ends)")
+
+
+def _claim(root: Path, config: dict, meta: dict) -> None:
+    """Under the directory's lock: check ``config`` against the directory's ``config.json`` and write ``meta`` there
+    if it has none, so two writers with different settings can never both pass the check."""
+    with _dir_lock(root) as lock:
+        _check_config(root, config, lock)
+        (root / "shards").mkdir(parents=True, exist_ok=True)
+        if not (root / "config.json").exists():
+            _atomic_write_text(root / "config.json", json.dumps(meta, indent=1))
 
 
 def _diff(a: dict, b: dict) -> list[str]:
@@ -313,7 +475,7 @@ def _diff(a: dict, b: dict) -> list[str]:
     return out
 
 
-def _check_config(root: Path, config: dict) -> None:
+def _check_config(root: Path, config: dict, lock: Path | None = None) -> None:
     path = root / "config.json"
     if not path.exists():
         return
@@ -327,7 +489,8 @@ def _check_config(root: Path, config: dict) -> None:
     diff = _diff(have.get("collect", {}), config)
     if diff:
         raise AttnlensError(f"the shard directory {root} was written by another configuration; it differs in "
-                            + "; ".join(diff) + ". Use a new directory, or the same arguments to resume")
+                            + "; ".join(diff) + ". Use a new directory, or the same arguments to resume"
+                            + (f" (checked holding the directory's lock {lock})" if lock is not None else ""))
 
 
 def _dist() -> tuple[int, int, Callable[[], None], Any]:
@@ -417,8 +580,13 @@ def collect(
         >>> f["{shape}", "mid.0.cross", 1].shape, f["self", "mid.0.self", 1].shape, len(f.y), int(f.groups.max()) + 1
         ((8, 16), (8, 256), 8, 4)
     """
-    if batch_size < 1 or shard_size < 1:
-        raise AttnlensError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}")
+    for name, value in (("batch_size", batch_size), ("shard_size", shard_size),
+                        ("num_inference_steps", num_inference_steps), ("self_grid", self_grid)):
+        check_int(name, value, minimum=1)
+    if resolution is not None:
+        check_int("resolution", resolution, minimum=1)
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
+        raise AttnlensError(f"guidance_scale must be a number, not {guidance_scale!r}")
     plan = _plan(pipe, data, labels, seeds, words, sites, resolution, self_grid, num_inference_steps, guidance_scale,
                  pipe_kwargs, image_labels, shard_size)
     rank, world, barrier, device = _dist()
@@ -448,13 +616,11 @@ def collect(
     root = Path(out)
     _check_config(root, plan.config)  # every rank checks before anyone writes
     barrier()
-    if rank == 0:
-        (root / "shards").mkdir(parents=True, exist_ok=True)
-        if not (root / "config.json").exists():
-            meta = {"format": FORMAT, "collect": plan.config, "keys": [_key_str(k) for k in keys],
-                    "layers": {k: v.to_dict() for k, v in layer_infos.items()}, "n_steps": num_inference_steps,
-                    "n_shards": n_shards}
-            _atomic_write_text(root / "config.json", json.dumps(meta, indent=1))
+    if rank == 0:  # the check again, and the config written, under the directory's lock (no other writer between)
+        meta = {"format": FORMAT, "collect": plan.config, "keys": [_key_str(k) for k in keys],
+                "layers": {k: v.to_dict() for k, v in layer_infos.items()}, "n_steps": num_inference_steps,
+                "n_shards": n_shards}
+        _claim(root, plan.config, meta)
     barrier()
     mine = [k for k in range(n_shards) if k % world == rank and not shard_path(root, k).exists()]
     todo = np.concatenate([np.arange(k * shard_size, min(n, (k + 1) * shard_size)) for k in mine]) if mine else []
@@ -477,7 +643,9 @@ def collect(
         bar.close()
     barrier()
     if rank == 0:
-        _write_index(root, plan.rows, n_shards, shard_size)
+        with _dir_lock(root) as lock:
+            _check_config(root, plan.config, lock)
+            _write_index(root, plan.rows, n_shards, shard_size)
     barrier()
     return load_features(root)
 
@@ -520,5 +688,5 @@ def _write_index(root: Path, rows: pd.DataFrame, n_shards: int, shard_size: int)
     index = pd.concat([pd.DataFrame({"item": np.arange(len(rows))}), rows, pd.DataFrame(extra)], axis=1)
     index["shard"], index["row"] = shard, row
     _atomic_write_text(root / "index.csv", index.to_csv(index=False))
-    for tmp in (root / "shards").glob(".*.tmp-*"):  # left by interrupted writers; nobody is writing now
-        tmp.unlink(missing_ok=True)
+    _clean_temps(root / "shards")  # left by this process or by interrupted ones; a live writer's stay
+    _clean_temps(root)

@@ -23,7 +23,7 @@ from PIL import Image
 from ._cache import AttentionCache
 from ._capture import capture as _capture
 from ._control import control
-from ._errors import AttnlensError
+from ._errors import AttnlensError, check_int
 from ._images import to_pil as _to_pil
 from ._inversion import DEFAULT_GUIDANCE, DEFAULT_STEPS, Inversion, invert
 from ._layers import get_unet
@@ -80,6 +80,10 @@ def start_noise(pipe: Any, seed: int = 0, height: int | None = None, width: int 
     draws (a CPU generator, so a seed means the same noise on every device)."""
     from diffusers.utils.torch_utils import randn_tensor
 
+    seed = check_int("seed", seed, minimum=0)
+    for name, value in (("height", height), ("width", width)):
+        if value is not None:
+            check_int(name, value, minimum=1)
     unet = get_unet(pipe)
     scale = getattr(pipe, "vae_scale_factor", 8)
     h = (height or unet.config.sample_size * scale) // scale
@@ -87,6 +91,33 @@ def start_noise(pipe: Any, seed: int = 0, height: int | None = None, width: int 
     gen = torch.Generator().manual_seed(int(seed))
     return randn_tensor((1, unet.config.in_channels, h, w), generator=gen, device=torch.device("cpu"),
                         dtype=unet.dtype)
+
+
+def _check_sampling(num_inference_steps: Any, guidance_scale: Any) -> None:
+    """An :class:`AttnlensError` unless the step count is an int >= 1 and the guidance scale a number."""
+    import numbers
+
+    check_int("num_inference_steps", num_inference_steps, minimum=1)
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
+        raise AttnlensError(f"guidance_scale must be a number, not {type(guidance_scale).__name__} {guidance_scale!r}")
+
+
+def _check_capture(capture: Any) -> None:
+    """``capture=`` of an edit is ``None``/``False``, ``True`` or a dict of :func:`attnlens.capture` keywords."""
+    if not (capture is None or isinstance(capture, (bool, dict))):
+        raise AttnlensError(f"capture must be None, True or a dict of attnlens.capture arguments (e.g. "
+                            f"{{'layers': 'up.*.cross'}}), not {type(capture).__name__} {capture!r}")
+
+
+def _check_latents(pipe: Any, latents: Any) -> None:
+    """An :class:`AttnlensError` unless ``latents`` is a float tensor ``(1, C, h, w)`` with the UNet's ``C``."""
+    channels = getattr(get_unet(pipe).config, "in_channels", None)
+    want = f"a float torch.Tensor of shape (1, {channels or 'C'}, h, w) (start_noise(pipe, seed) makes one)"
+    if not torch.is_tensor(latents):
+        raise AttnlensError(f"latents must be {want}, not {type(latents).__name__}")
+    if latents.ndim != 4 or latents.shape[0] != 1 or (channels is not None and latents.shape[1] != channels) \
+            or not latents.is_floating_point():
+        raise AttnlensError(f"latents must be {want}, not a {latents.dtype} tensor of shape {tuple(latents.shape)}")
 
 
 def _settings(p: EditPlan, hw: tuple[int, int], steps: int, guidance: float, seed: Any) -> dict:
@@ -190,12 +221,14 @@ def edit(pipe: Any, source_prompt: str, target_prompt: str, method: str = "fpe",
     """
     _check_prompt("source_prompt", source_prompt)
     _check_prompt("target_prompt", target_prompt)
+    _check_sampling(num_inference_steps, guidance_scale)
+    _check_capture(capture)
     opts = options_for(method, options)
     given = latents is not None
     if latents is None:
         latents = start_noise(pipe, seed, height, width)
-    elif latents.ndim != 4 or latents.shape[0] != 1:
-        raise AttnlensError(f"latents must be (1, C, h, w), not {tuple(latents.shape)}")
+    else:
+        _check_latents(pipe, latents)
     t0 = time.perf_counter()
     hw = tuple(latents.shape[-2:])
     p = _plan(pipe, method, opts, source_prompt, target_prompt, hw)
@@ -229,6 +262,8 @@ def edit_image(pipe: Any, image: Any, target_prompt: str, source_prompt: str = "
     """
     _check_prompt("target_prompt", target_prompt)
     _check_prompt("source_prompt", source_prompt)
+    _check_sampling(num_inference_steps, guidance_scale)
+    _check_capture(capture)
     opts = options_for(method, options)
     t0 = time.perf_counter()
     if isinstance(inversion, Inversion):

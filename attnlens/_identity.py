@@ -1,6 +1,7 @@
 """A model's identity and its weight files: the one reader of safetensors headers and the one fingerprint.
 
-* :func:`safetensors_header`: the JSON header of a safetensors file (the only place it is parsed by hand);
+* :func:`safetensors_header`: the JSON header of a safetensors file (the only place it is parsed by hand), and
+  :func:`safetensors_problem`: what is wrong with a safetensors file (the model-folder check and the cache's load);
 * :func:`weight_sums`: ``{file: SHA-256}`` of a folder's weights (what ``training.json`` records and
   :func:`attnlens._pipeline.check_model_folder` verifies);
 * :func:`fingerprint`: a model's identity: SHA-256 over a diffusers folder's weights and configs, or, for a
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 class HeaderError(ValueError):
@@ -61,6 +64,52 @@ def safetensors_header(path: str | Path) -> tuple[int, dict]:
     path = Path(path)
     with path.open("rb") as f:
         return _read_header(f, path.stat().st_size)
+
+
+def safetensors_problem(path: str | Path) -> str | None:
+    """What is wrong with a safetensors file (truncated, garbage, a Git LFS pointer), or None if it is sound.
+
+    Checks the header and that the file holds exactly the bytes the header's tensors need; it does not
+    read the tensor data. Used by the model-folder check and by :meth:`attnlens.AttentionCache.load`.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from safetensors.torch import save_file
+        >>> path = Path(tempfile.mkdtemp()) / "w.safetensors"
+        >>> save_file({"w": torch.zeros(2, 3)}, str(path))
+        >>> safetensors_problem(path) is None
+        True
+        >>> _ = path.write_bytes(path.read_bytes()[:-4])
+        >>> safetensors_problem(path)
+        'is truncated (92 bytes; its header describes 96)'
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        n, header = safetensors_header(path)
+    except HeaderError as exc:
+        return str(exc)
+    end = 0
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, stop = (int(x) for x in t["data_offsets"])
+            numel = 1
+            for d in t["shape"]:
+                numel *= int(d)
+            nbytes = numel * _DTYPE_BYTES[t["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            return f"has a damaged header (entry {name!r})"
+        if stop - start != nbytes or start < 0:
+            return f"has a damaged header (tensor {name!r} needs {nbytes} bytes, offsets give {stop - start})"
+        end = max(end, stop)
+    expected = 8 + n + end
+    if size < expected:
+        return f"is truncated ({size:,} bytes; its header describes {expected:,})"
+    if size > expected:
+        return f"is damaged ({size:,} bytes; its header describes {expected:,})"
+    return None
 
 
 def weight_sums(folder: str | Path) -> dict[str, str]:

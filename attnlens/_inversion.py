@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ._errors import AttnlensError
+from ._errors import AttnlensError, check_int
 from ._images import decode, encode, prepare_image
 from ._layers import get_unet
 from ._prompts import check_prompt
@@ -100,6 +100,11 @@ def invert(pipe: Any, image: Any, prompt: str = "", *, num_inference_steps: int 
         ((4, 4, 8, 8), ['converted L to RGB'])
     """
     check_prompt("prompt", prompt)
+    check_int("num_inference_steps", num_inference_steps, minimum=1)
+    check_int("inner_steps", inner_steps, minimum=1)
+    if size is not None and not (isinstance(size, (tuple, list)) and len(size) == 2
+                                 and all(not isinstance(x, bool) and isinstance(x, int) and x > 0 for x in size)):
+        raise AttnlensError(f"size must be None (the pipeline's size) or (height, width) in pixels, not {size!r}")
     img, notices = prepare_image(pipe, image, size)
     unet = get_unet(pipe)
     sched = pipe.scheduler

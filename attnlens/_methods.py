@@ -151,7 +151,64 @@ def options_for(method: str, options: dict) -> Any:
         raise AttnlensError(f"path must be 'fused' or 'explicit', not {opts.path!r}")
     if getattr(opts, "mode", "auto") not in ("auto", "replace", "refine"):
         raise AttnlensError(f"mode must be 'auto', 'replace' or 'refine', not {opts.mode!r}")
+    _check_values(method, opts)
     return opts
+
+
+def _check_values(method: str, opts: Any) -> None:
+    """An :class:`AttnlensError` naming the first option of ``opts`` whose value has the wrong type or range."""
+    import numbers
+
+    def real(x: Any) -> bool:
+        return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+    for f in dataclasses.fields(opts):
+        name, value = f.name, getattr(opts, f.name)
+        where = f"option {name} of method {method!r}"
+        if name in ("max_resolution", "self_max_resolution", "min_resolution"):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+                raise AttnlensError(f"{where} must be None (the default rule) or a grid side >= 1 (int), not {value!r}")
+        elif name in ("steps", "cross_replace_steps", "self_replace_steps"):
+            if name == "self_replace_steps" and (value is None or (real(value) and value == 0)):
+                continue  # no self-attention copy
+            if isinstance(value, float) and not 0 <= value <= 1:
+                raise AttnlensError(f"{where} must be a fraction of the schedule in 0..1 or a step selection, not {value!r}")
+            try:
+                Selector(steps=_fraction_steps(value))
+            except AttnlensError as exc:
+                raise AttnlensError(f"{where}: {exc}") from None
+        elif name in ("start_step", "blend_start"):
+            if not real(value) or not 0 <= value <= 1:
+                raise AttnlensError(f"{where} must be a fraction of the schedule in 0..1, not {value!r}")
+        elif name == "blend_threshold":  # any number: above 1 no mask, below 0 all of it
+            if not real(value) or value != value:
+                raise AttnlensError(f"{where} must be a number (0.3 in the reference code), not {value!r}")
+        elif name == "reweight":
+            if value is not None and not (isinstance(value, dict) and all(
+                    isinstance(k, (str, int)) and not isinstance(k, bool) and real(v) for k, v in value.items())):
+                raise AttnlensError(f"{where} must be None or a dict {{word of the target prompt: factor}}, "
+                                    f"e.g. {{'red': 2.0}}, not {value!r}")
+        elif name == "local_blend":
+            if value is not None and not (isinstance(value, (tuple, list)) and len(value) == 2
+                                          and all(isinstance(w, str) for w in value)):
+                raise AttnlensError(f"{where} must be None or a pair (source word, target word), e.g. "
+                                    f"('star', 'circle'), not {value!r}")
+
+
+def _check_words(pipe: Any, opts: Any, source: str, target: str) -> None:
+    """Before anything runs: the local-blend words are words of their prompts and the reweighted words of the target."""
+    blend = getattr(opts, "local_blend", None)
+    reweight = getattr(opts, "reweight", None)
+    if blend is None and not reweight:
+        return
+    tokens = tokenize(getattr(pipe, "tokenizer", None), [source, target])
+    checks = [("local_blend", 0, blend[0]), ("local_blend", 1, blend[1])] if blend is not None else []
+    checks += [("reweight", 1, word) for word in reweight or {}]
+    for name, prompt, word in checks:
+        try:
+            token_indices(tokens[prompt], word, prompt)
+        except AttnlensError as exc:
+            raise AttnlensError(f"option {name}: {exc} (prompt 0 is the source, prompt 1 the target)") from None
 
 
 def _fraction_steps(spec: Any) -> Any:
@@ -257,6 +314,7 @@ def plan(pipe: Any, method: str, options: Any, source: str, target: str, latent_
         ({'InjectQK': ['mid.0.self']}, {'max_resolution': 4})
     """
     opts = options_for(method, options) if isinstance(options, dict) else options
+    _check_words(pipe, opts, source, target)
     table = list_layers(pipe) if table is None else table
     hw = tuple(latent_hw)
     lim = _limits(method, opts, table, hw)

@@ -11,13 +11,10 @@ from typing import Any, NoReturn
 import torch
 
 from ._errors import AttnlensError
-from ._identity import HeaderError, safetensors_header
+from ._identity import safetensors_problem as _safetensors_problem
 
 EMBEDDED_MODEL = Path(__file__).parent / "models" / "shapes"
 """Where the embedded Shapes model lives (a diffusers folder)."""
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def _recorded_rebuild(record: Path) -> list[tuple[str, str]]:
@@ -48,40 +45,6 @@ def _rebuild_hint(folder: Path) -> str:
                 "--help`; this folder's training.json records no rebuild commands).")
     steps = ", then ".join(f"`{c.replace('{out}', out)}`" + (f" ({n})" if n else "") for c, n in commands)
     return f"{restore}: {steps} (training resumes from the checkpoints in runs/shapes if they are still there)."
-
-
-def _safetensors_problem(path: Path) -> str | None:
-    """What is wrong with a safetensors file (truncated, garbage, a Git LFS pointer), or None if it is sound.
-
-    Checks the header and that the file holds exactly the bytes the header's tensors need; it does not
-    read the tensor data.
-    """
-    size = path.stat().st_size
-    try:
-        n, header = safetensors_header(path)
-    except HeaderError as exc:
-        return str(exc)
-    end = 0
-    for name, t in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            start, stop = (int(x) for x in t["data_offsets"])
-            numel = 1
-            for d in t["shape"]:
-                numel *= int(d)
-            nbytes = numel * _DTYPE_BYTES[t["dtype"]]
-        except (KeyError, TypeError, ValueError):
-            return f"has a damaged header (entry {name!r})"
-        if stop - start != nbytes or start < 0:
-            return f"has a damaged header (tensor {name!r} needs {nbytes} bytes, offsets give {stop - start})"
-        end = max(end, stop)
-    expected = 8 + n + end
-    if size < expected:
-        return f"is truncated ({size:,} bytes; its header describes {expected:,})"
-    if size > expected:
-        return f"is damaged ({size:,} bytes; its header describes {expected:,})"
-    return None
 
 
 def check_model_folder(folder: str | os.PathLike) -> None:

@@ -13,6 +13,8 @@ Imports only ``_errors``; imported by the cache, selection, control, methods, ed
 from __future__ import annotations
 
 import difflib
+import unicodedata
+from functools import lru_cache
 from typing import Any, Sequence
 
 import numpy as np
@@ -51,12 +53,50 @@ def tokenize(tokenizer: Any, prompts: str | Sequence[str]) -> list[list[str]]:
     return [tokenizer.convert_ids_to_tokens(row) for row in token_ids(tokenizer, prompts)]
 
 
+@lru_cache(maxsize=1)
+def _byte_of_char() -> dict[str, int]:
+    """The inverse of byte-level BPE's byte-to-character table: printable Latin-1 bytes stand for themselves,
+    the other 68 bytes (controls, space, ...) for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    table = {chr(b): b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+def decode_word(text: str) -> str:
+    """The text of a word written in byte-level BPE characters (``'cafÃ©'`` is ``'café'``); a string that is
+    not byte-level BPE (a test's plain tokens) comes back unchanged.
+
+    Example:
+        >>> decode_word("cafÃ©"), decode_word("æĺŁ"), decode_word("star")
+        ('café', '星', 'star')
+    """
+    table = _byte_of_char()
+    if not all(c in table for c in text):
+        return text
+    return bytes(table[c] for c in text).decode("utf-8", errors="replace")
+
+
+def _normal(text: str) -> str:
+    """How words are compared: Unicode NFC, lower case."""
+    return unicodedata.normalize("NFC", text).lower()
+
+
 def words(tokens: list[str]) -> list[tuple[str, list[int]]]:
     """Group a prompt's tokens (start token first) into words: ``[(word, token positions)]``.
+
+    Words are decoded text: a CLIP token is a string of byte-level BPE characters (``'cafÃ©</w>'``),
+    whose UTF-8 bytes are decoded here (``'café'``), so words with non-ASCII letters are found.
 
     Example:
         >>> words(['<|startoftext|>', 'a</w>', 'red</w>', 'st', 'ar</w>', '<|endoftext|>'])
         [('a', [1]), ('red', [2]), ('star', [3, 4])]
+        >>> words(['<|startoftext|>', 'a</w>', 'æĺ', 'Ł</w>', 'cafÃ©</w>', '<|endoftext|>'])
+        [('a', [1]), ('星', [2, 3]), ('café', [4])]
     """
     out: list[tuple[str, list[int]]] = []
     current, pos = "", []
@@ -66,10 +106,10 @@ def words(tokens: list[str]) -> list[tuple[str, list[int]]]:
         current += tok.replace("</w>", "")
         pos.append(i)
         if tok.endswith("</w>"):
-            out.append((current, pos))
+            out.append((decode_word(current), pos))
             current, pos = "", []
     if pos:
-        out.append((current, pos))
+        out.append((decode_word(current), pos))
     return out
 
 
@@ -85,6 +125,9 @@ def token_indices(tokens: list[str], word: str | int, prompt: int = 0, occurrenc
         >>> token_indices(toks, "red star"), token_indices(toks, "<end>"), token_indices(toks, "<pad>")
         ([3, 4], [5], [6])
     """
+    if isinstance(word, bool) or not isinstance(word, (str, int, np.integer)):
+        raise AttnlensError(f"word must be a word or phrase of the prompt (str), '<start>', '<end>', '<pad>' or a "
+                            f"token index (int), not {type(word).__name__} {word!r}")
     ws = words(tokens)
     end = 1 + sum(len(p) for _, p in ws)
     if isinstance(word, (int, np.integer)):
@@ -98,9 +141,13 @@ def token_indices(tokens: list[str], word: str | int, prompt: int = 0, occurrenc
         return [end]
     if special == "pad":
         return list(range(end + 1, len(tokens)))
-    want = word.lower().split()
+    want = _normal(word).split()
+    if not want:
+        raise AttnlensError(f"word {word!r} is empty; give a word or phrase of prompt {prompt}, '<start>', '<end>', "
+                            "'<pad>' or a token index")
     have = [w for w, _ in ws]
-    found = [i for i in range(len(have) - len(want) + 1) if have[i : i + len(want)] == want]
+    low = [_normal(w) for w in have]
+    found = [i for i in range(len(low) - len(want) + 1) if low[i : i + len(want)] == want]
     if len(found) <= occurrence:
         raise AttnlensError(
             f"{word!r} is not a word of prompt {prompt} (occurrence {occurrence}); its words: {have}; its tokens: "

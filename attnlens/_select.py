@@ -14,6 +14,45 @@ from ._prompts import batch_row
 LayerSpec = Union[None, str, Sequence[str], Callable[[LayerInfo], bool]]
 StepSpec = Union[None, int, Sequence[int], slice, tuple[float, float]]
 BRANCHES = ("cond", "uncond", "both")
+_STEPS_VALID = ("None (every step), a step index (int), a list of indices, a slice, or a fraction range "
+                "(start, end) of floats in 0..1")  # what steps= may be
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _check_steps(s: object) -> None:
+    """An error unless ``s`` is a step spec :meth:`Selector.step_indices` understands."""
+    if s is None or _is_int(s):
+        return
+    if isinstance(s, slice):
+        if not all(x is None or _is_int(x) for x in (s.start, s.stop, s.step)) or s.step == 0:
+            raise AttnlensError(f"steps must be a slice with int (or None) start and stop and a non-zero step, not {s!r}")
+        return
+    if isinstance(s, tuple) and len(s) == 2 and all(isinstance(x, float) for x in s):
+        if not 0.0 <= s[0] <= s[1] <= 1.0:
+            raise AttnlensError(f"steps={s!r}: a fraction range of steps needs 0 <= start <= end <= 1")
+        return
+    if isinstance(s, Sequence) and not isinstance(s, str):
+        bad = [x for x in s if not _is_int(x)]
+        if bad:  # an empty list is valid: a controller on no step edits nothing (capture refuses it)
+            raise AttnlensError(f"steps must be {_STEPS_VALID}; {s!r} holds {bad[0]!r}, not an int")
+        return
+    raise AttnlensError(f"steps must be {_STEPS_VALID}, not {s!r}")
+
+
+def _check_indices(name: str, value: object, valid: str, allow: tuple) -> None:
+    """An error unless ``value`` is one of ``allow`` or a non-empty sequence of ints (head or prompt indices)."""
+    if any(value is a or (isinstance(value, str) and value == a) for a in allow):
+        return
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        bad = [x for x in value if not _is_int(x)]
+        if not bad and value:
+            return
+        what = f"{value!r} holds {bad[0]!r}, not an int" if bad else f"{value!r} is empty, so it selects nothing"
+        raise AttnlensError(f"{name} must be {valid}; {what}")
+    raise AttnlensError(f"{name} must be {valid}, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -49,12 +88,26 @@ class Selector:
     prompts: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
+        for name in ("steps", "heads", "prompts"):  # numpy or torch indices: plain lists
+            value = getattr(self, name)
+            if hasattr(value, "tolist") and not isinstance(value, (str, numbers.Number)):
+                value = value.tolist()
+                object.__setattr__(self, name, value if isinstance(value, list) else [value])
+        if isinstance(self.prompts, numbers.Integral) and not isinstance(self.prompts, bool):
+            object.__setattr__(self, "prompts", [int(self.prompts)])  # one prompt index, as steps takes one step
+        _check_steps(self.steps)
+        _check_indices("heads", self.heads, "'mean', 'all' or a non-empty list of head indices (ints)",
+                       allow=("mean", "all"))
+        _check_indices("prompts", self.prompts, "None (all prompts), a prompt index or a non-empty list of them",
+                       allow=(None,))
+        if self.resolution is not None and not _is_int(self.resolution) and not (
+                isinstance(self.resolution, Sequence) and not isinstance(self.resolution, str)
+                and self.resolution and all(_is_int(r) for r in self.resolution)):
+            raise AttnlensError(f"resolution must be None, a grid side (int) or a list of them, not {self.resolution!r}")
         if self.kind not in (None, "self", "cross"):
             raise AttnlensError(f"kind must be 'self', 'cross' or None, not {self.kind!r}")
         if self.branch not in BRANCHES:
             raise AttnlensError(f"branch must be one of {choices(BRANCHES)}, not {self.branch!r}")
-        if isinstance(self.heads, str) and self.heads not in ("mean", "all"):
-            raise AttnlensError(f"heads must be 'mean', 'all' or a list of head indices, not {self.heads!r}")
         if not (self.layers is None or isinstance(self.layers, str) or callable(self.layers)
                 or (isinstance(self.layers, Sequence) and all(isinstance(x, str) for x in self.layers))):
             raise AttnlensError(f"layers must be a glob, a list of names or a callable, not {type(self.layers).__name__}")
