@@ -265,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=_shapesedit)
     args = parser.parse_args(argv)
     try:
+        from ._notebook import set_threads
+
+        set_threads()  # $ATTNLENS_THREADS, or the cores minus one: a competing load slows it in proportion
         args.run(args)
     except AttnlensError as exc:
         print(f"attnlens: error: {exc}", file=sys.stderr)

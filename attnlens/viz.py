@@ -2,7 +2,9 @@
 
 Static pictures are PIL images (light pages, easy to save). Interactive figures are plotly figures
 whose sliders only switch which images are visible, so they work in a static HTML page with no
-kernel behind it. Every map is min-max normalised per panel before it is drawn.
+kernel behind it. Maps are drawn with one perceptual colour map (viridis, :func:`colour_map`); the grids
+and sliders put every map of a figure on one shared scale (:func:`shared_scale`) with a colour bar, and
+show each map beside the image (or as contour lines over it, :func:`overlay`) so the object stays readable.
 
 Shapes used below: a cross-attention word map and a self-attention map are ``(h, w)``; a PCA view
 is ``(h, w, 3)`` in [0, 1]; images are PIL ``RGB`` images of any size.
@@ -14,8 +16,8 @@ Example:
     >>> pipe = tiny_pipeline()
     >>> with attnlens.capture(pipe, layers="*") as cache:
     ...     image = pipe("a red star", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
-    >>> word_grid(cache, image, tile=32, columns=3).size[0]  # the image, "a", "red", "star"
-    104
+    >>> word_grid(cache, image, tile=32, columns=3).size[0]  # the image, "a", "red", "star"; 68 px colour bar
+    172
 """
 
 from __future__ import annotations
@@ -23,15 +25,15 @@ from __future__ import annotations
 import base64
 import io
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from ._errors import AttnlensError, choices
+from ._notebook import OFFLINE_RENDERER, PAGE_RENDERER, oracle_notice, results_dir, setup_notebook
 
 if TYPE_CHECKING:  # plotly is an optional (book) dependency
     import plotly.graph_objects as go
@@ -42,9 +44,10 @@ Heat = "torch.Tensor | np.ndarray"
 Point = tuple[float, float]
 
 __all__ = [
+    "CONTOUR_LEVELS", "colour_bar", "colour_map", "shared_scale", "with_colour_bar", "architecture",
     "as_image", "attention_slider", "image_grid", "image_slider", "layer_grid", "mark", "overlay",
     "self_attention_grid", "self_attention_map", "self_attention_pca", "self_attention_slider",
-    "results_dir", "setup_notebook", "step_grid", "word_grid", "OFFLINE_RENDERER",
+    "results_dir", "setup_notebook", "step_grid", "word_grid", "OFFLINE_RENDERER", "PAGE_RENDERER", "oracle_notice",
 ]
 
 
@@ -61,9 +64,60 @@ def _normalise(a: np.ndarray) -> np.ndarray:
     return (a - a.min()) / max(float(a.max() - a.min()), 1e-12)
 
 
+# viridis (matplotlib's perceptually uniform map, CC0), sampled at 17 points and interpolated linearly
+_VIRIDIS = np.array([(68, 1, 84), (72, 24, 106), (71, 45, 123), (66, 64, 134), (59, 82, 139), (51, 99, 141),
+                     (44, 114, 142), (38, 130, 142), (33, 145, 140), (31, 160, 136), (40, 174, 128), (63, 188, 115),
+                     (94, 201, 98), (132, 212, 75), (173, 220, 48), (216, 226, 25), (253, 231, 37)], dtype=np.float32)
+CONTOUR_LEVELS = (0.5, 0.8)
+"""The fractions of the scale at which :func:`overlay` draws its contour lines."""
+
+
+def colour_map(x: np.ndarray) -> np.ndarray:
+    """The perceptual colour map (viridis: dark purple at 0, yellow at 1) every figure here uses:
+    values ``(...)`` in [0, 1] -> colours ``(..., 3)`` in [0, 255].
+
+    Example:
+        >>> colour_map(np.array([0.0, 1.0])).astype(int).tolist()
+        [[68, 1, 84], [253, 231, 37]]
+    """
+    x = np.clip(np.asarray(x, dtype=np.float32), 0, 1) * (len(_VIRIDIS) - 1)
+    lo = np.floor(x).astype(int)
+    hi = np.minimum(lo + 1, len(_VIRIDIS) - 1)
+    t = (x - lo)[..., None]
+    return _VIRIDIS[lo] * (1 - t) + _VIRIDIS[hi] * t
+
+
 def _ramp(x: np.ndarray) -> np.ndarray:
-    """A perceptual blue -> yellow colour ramp: ``(h, w)`` in [0, 1] -> ``(h, w, 3)`` in [0, 255]."""
-    return np.stack([x, 0.2 + 0.6 * x, 1.0 - x], axis=-1) * 255
+    return colour_map(x)
+
+
+Scale = "tuple[float, float] | None"
+
+
+def _scaled(a: np.ndarray, scale: tuple[float, float] | None) -> np.ndarray:
+    """To [0, 1]: over ``scale`` = (low, high) when given (one scale shared by a grid), else min-max."""
+    if scale is None:
+        return _normalise(a)
+    lo, hi = float(scale[0]), float(scale[1])
+    return np.clip((a.astype(np.float32) - lo) / max(hi - lo, 1e-12), 0, 1)
+
+
+def shared_scale(heats: Sequence[Any], from_zero: bool = True) -> tuple[float, float]:
+    """One scale for a grid of maps, so tiles compare by colour: from 0 (attention is never negative; with
+    ``from_zero=False``, or when a map is negative, the smallest value of any map) to the largest value of
+    any map.
+
+    Example:
+        >>> shared_scale([np.full((2, 2), 0.1), np.eye(2) * 0.4])
+        (0.0, 0.4000000059604645)
+    """
+    arrays = [_array(h) for h in heats]
+    if not arrays:
+        raise AttnlensError("shared_scale needs at least one map")
+    lo = min(float(a.min()) for a in arrays)
+    lo = min(0.0, lo) if from_zero else lo
+    hi = max(float(a.max()) for a in arrays)
+    return lo, hi if hi > lo else lo + 1.0
 
 
 def _resize(a: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
@@ -72,26 +126,100 @@ def _resize(a: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
     return np.asarray(img.resize(size, resample), dtype=np.float32) / 255
 
 
-def overlay(image: Image.Image, heat: torch.Tensor | np.ndarray, alpha: float = 0.55) -> Image.Image:
-    """Blend a heat map ``(h, w)`` (any scale; normalised to [0, 1]) over ``image``, upsampled to its size.
+def _edges(mask: np.ndarray) -> np.ndarray:
+    """The inner boundary of a boolean mask (pixels of the mask with a 4-neighbour outside it)."""
+    pad = np.pad(mask, 1, mode="edge")
+    inner = pad[1:-1, 1:-1] & pad[:-2, 1:-1] & pad[2:, 1:-1] & pad[1:-1, :-2] & pad[1:-1, 2:]
+    return mask & ~inner
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    pad = np.pad(mask, 1)
+    return mask | pad[:-2, 1:-1] | pad[2:, 1:-1] | pad[1:-1, :-2] | pad[1:-1, 2:]
+
+
+def overlay(image: Image.Image, heat: torch.Tensor | np.ndarray, alpha: float = 0.55, *, style: str = "contour",
+            scale: tuple[float, float] | None = None) -> Image.Image:
+    """Show a heat map ``(h, w)`` on ``image``, upsampled to its size, keeping the object readable.
+
+    ``style="contour"`` (default) leaves the image's colours as they are and draws the map's contour lines
+    at :data:`CONTOUR_LEVELS` of the scale, each in its colour of :func:`colour_map` with a dark edge, so
+    a red star stays red. ``style="blend"`` mixes the colour-mapped heat into the image at ``alpha``.
+    ``scale`` = (low, high) maps values to the colour map (give one scale to every tile of a grid, see
+    :func:`shared_scale`); default: the map's own minimum and maximum.
 
     Example:
-        >>> img = Image.new("RGB", (64, 64))
-        >>> overlay(img, np.eye(8)).size
-        (64, 64)
+        >>> img = Image.new("RGB", (64, 64), (200, 30, 30))
+        >>> out = overlay(img, np.eye(8))
+        >>> out.size, out.getpixel((60, 2))  # far from the diagonal: the image's own colour
+        ((64, 64), (200, 30, 30))
     """
     h = _array(heat)
     if h.ndim != 2:
         raise AttnlensError(f"overlay needs a heat map of shape (h, w), got shape {tuple(h.shape)}")
-    big = _resize(_normalise(h), image.size, Image.BILINEAR)
+    if style not in ("contour", "blend"):
+        raise AttnlensError(f"style must be one of {choices(('contour', 'blend'))}, not {style!r}")
+    big = _resize(_scaled(h, scale), image.size, Image.BILINEAR)
+    if style == "contour":  # smooth over about one map cell, so lines follow the map, not its cell edges
+        radius = max(image.size[0] / h.shape[1], image.size[1] / h.shape[0]) / 2
+        big = np.asarray(Image.fromarray((big * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(radius)),
+                         dtype=np.float32) / 255
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    return Image.fromarray(np.clip((1 - alpha) * base + alpha * _ramp(big), 0, 255).astype(np.uint8))
+    if style == "blend":
+        return Image.fromarray(np.clip((1 - alpha) * base + alpha * _ramp(big), 0, 255).astype(np.uint8))
+    out = base.copy()
+    for level in CONTOUR_LEVELS:
+        inside = big >= level
+        line = _edges(inside)
+        halo = _dilate(line) & ~inside  # a dark edge just outside each line, so it reads on any colour
+        out[halo] = 0.35 * out[halo]
+        out[line] = colour_map(np.float32(level))
+    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
 
 
-def as_image(values: torch.Tensor | np.ndarray, size: int | tuple[int, int] | None = None) -> Image.Image:
-    """Draw a map alone: ``(h, w)`` through the overlay's colour ramp (normalised), or ``(h, w, 3)`` in
-    [0, 1] as RGB. ``size`` (pixels, or (width, height)) enlarges it with nearest-neighbour sampling, so
-    each attention cell stays a visible square.
+def colour_bar(scale: tuple[float, float], height: int = 128, width: int = 64, label: str = "attention") -> Image.Image:
+    """A vertical colour bar for :func:`colour_map` over ``scale`` = (low, high), labelled at both ends and
+    at the contour levels, with ``label`` on top.
+
+    Example:
+        >>> colour_bar((0.0, 0.5), height=100).size
+        (64, 100)
+    """
+    lo, hi = float(scale[0]), float(scale[1])
+    out = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(out)
+    font = _font(10)
+    top, bottom, bar_w = 20, height - 6, 10
+    ramp = colour_map(np.linspace(1, 0, max(bottom - top, 2)))[:, None, :].repeat(bar_w, axis=1)
+    out.paste(Image.fromarray(ramp.astype(np.uint8)), (2, top))
+    draw.text((1, 0), label, fill=(30, 30, 30), font=font)
+    span = bottom - top - 1
+    for frac in (0.0, *CONTOUR_LEVELS, 1.0):
+        y = int(bottom - 1 - frac * span)
+        draw.line([(2 + bar_w, y), (5 + bar_w, y)], fill=(30, 30, 30))
+        draw.text((7 + bar_w, max(top - 2, min(y - 5, bottom - 10))), f"{lo + frac * (hi - lo):.2g}", fill=(30, 30, 30), font=font)
+    return out
+
+
+def with_colour_bar(grid: Image.Image, scale: tuple[float, float], label: str = "attention") -> Image.Image:
+    """``grid`` with a :func:`colour_bar` for ``scale`` on its right.
+
+    Example:
+        >>> with_colour_bar(Image.new("RGB", (100, 80)), (0.0, 1.0)).size
+        (168, 80)
+    """
+    bar = colour_bar(scale, height=max(64, min(grid.size[1], 260)), label=label)
+    out = Image.new("RGB", (grid.size[0] + bar.size[0] + 4, max(grid.size[1], bar.size[1])), (255, 255, 255))
+    out.paste(grid, (0, 0))
+    out.paste(bar, (grid.size[0] + 4, 0))
+    return out
+
+
+def as_image(values: torch.Tensor | np.ndarray, size: int | tuple[int, int] | None = None, *,
+             scale: tuple[float, float] | None = None) -> Image.Image:
+    """Draw a map alone: ``(h, w)`` through :func:`colour_map` (over ``scale`` = (low, high), default the
+    map's own minimum and maximum), or ``(h, w, 3)`` in [0, 1] as RGB. ``size`` (pixels, or (width, height))
+    enlarges it with nearest-neighbour sampling, so each attention cell stays a visible square.
 
     Example:
         >>> as_image(np.eye(4), size=32).size
@@ -101,7 +229,7 @@ def as_image(values: torch.Tensor | np.ndarray, size: int | tuple[int, int] | No
     """
     a = _array(values)
     if a.ndim == 2:
-        rgb = _ramp(_normalise(a))
+        rgb = _ramp(_scaled(a, scale))
     elif a.ndim == 3 and a.shape[-1] == 3:
         rgb = np.clip(a, 0, 1) * 255
     else:
@@ -139,7 +267,7 @@ def _font(px: int):
 def image_grid(images: Sequence[Image.Image | np.ndarray], labels: Sequence[str] | None = None, columns: int | None = None,
                tile: int | None = 128, pad: int = 2, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Lay images out in a grid, each resized to ``tile`` pixels square (``None``: keep the first's size),
-    with an optional label under each. ``uint8`` arrays ``(h, w, 3)`` are accepted as images.
+    with an optional label under each (wrapped onto as many lines as it needs, never cut off). ``uint8`` arrays ``(h, w, 3)`` are accepted as images.
 
     Example:
         >>> tiles = [Image.new("RGB", (8, 8), c) for c in ("red", "blue", "green")]
@@ -155,21 +283,41 @@ def image_grid(images: Sequence[Image.Image | np.ndarray], labels: Sequence[str]
     columns = columns or min(len(images), 8)
     rows = math.ceil(len(images) / columns)
     text_px = max(8, min(14, w // 8))
-    label_h = text_px + 4 if labels is not None else 0
+    font = _font(text_px)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [_wrap(str(t), font, w - 2, measure) for t in labels] if labels is not None else None
+    line_h = text_px + 2
+    label_h = max(len(x) for x in wrapped) * line_h + 3 if wrapped else 0
     out = Image.new("RGB", (columns * (w + pad) + pad, rows * (h + label_h + pad) + pad), background)
     draw = ImageDraw.Draw(out)
-    font = _font(text_px)
     for i, img in enumerate(images):
         r, c = divmod(i, columns)
         x, y = pad + c * (w + pad), pad + r * (h + label_h + pad)
         resample = Image.NEAREST if img.size[0] <= w else Image.BILINEAR
         out.paste(img.convert("RGB").resize((w, h), resample), (x, y))
-        if labels is not None:
-            text = str(labels[i])
-            while text and draw.textlength(text, font=font) > w and len(text) > 2:
-                text = text[:-2] + "…"
-            draw.text((x + 1, y + h + 1), text, fill=(30, 30, 30), font=font)
+        if wrapped is not None:
+            for k, line in enumerate(wrapped[i]):
+                draw.text((x + 1, y + h + 1 + k * line_h), line, fill=(30, 30, 30), font=font)
     return out
+
+
+def _wrap(text: str, font, width: int, draw: ImageDraw.ImageDraw) -> list[str]:
+    """``text`` in lines no wider than ``width`` pixels: broken at spaces, a word longer than a line at
+    characters (no label is cut off)."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        candidate = f"{lines[-1]} {word}" if lines else word
+        if lines and draw.textlength(candidate, font=font) <= width:
+            lines[-1] = candidate
+            continue
+        while draw.textlength(word, font=font) > width and len(word) > 1:
+            cut = len(word) - 1
+            while cut > 1 and draw.textlength(word[:cut], font=font) > width:
+                cut -= 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        lines.append(word)
+    return lines or [""]
 
 
 # ------------------------------------------------------------------------------------ cross-attention grids
@@ -189,23 +337,30 @@ def _captured_steps(cache: "AttentionCache", layers: Sequence[str]) -> list[int]
     return steps
 
 
+def _maps_beside(image: Image.Image, heats: Sequence[Any], labels: Sequence[str], tile: int, columns: int | None,
+                 first: str = "image") -> Image.Image:
+    """The image, then each map on one shared scale, then the colour bar."""
+    scale = shared_scale(heats)
+    tiles = [image] + [as_image(h, scale=scale) for h in heats]
+    return with_colour_bar(image_grid(tiles, [first, *labels], columns=columns, tile=tile), scale)
+
+
 def word_grid(cache: "AttentionCache", image: Image.Image, words: Sequence[str] | None = None, *, prompt: int = 0,
               layers: Sequence[str] | None = None, steps: Sequence[int] | None = None, tile: int = 128,
               columns: int | None = None) -> Image.Image:
-    """One overlay per word of the prompt (default: every word), averaged over ``layers`` (default:
-    :meth:`~attnlens.AttentionCache.word_map`'s, the finest captured level) and ``steps``.
-
-    The first tile is the image itself.
+    """The image, then each word's map (default: every word of the prompt) beside it, averaged over
+    ``layers`` (default: :meth:`~attnlens.AttentionCache.word_map`'s, the finest captured level) and
+    ``steps``, on one shared scale with its colour bar on the right.
     """
     words = list(cache.words(prompt) if words is None else words)
-    tiles = [image] + [overlay(image, cache.word_map(w, prompt, layers=layers, steps=steps)) for w in words]
-    return image_grid(tiles, ["image"] + words, columns=columns, tile=tile)
+    heats = [cache.word_map(w, prompt, layers=layers, steps=steps) for w in words]
+    return _maps_beside(image, heats, words, tile, columns)
 
 
 def layer_grid(cache: "AttentionCache", image: Image.Image, word: str, *, layers: Sequence[str] | None = None,
                steps: Sequence[int] | None = None, prompt: int = 0, tile: int = 128, columns: int | None = None) -> Image.Image:
-    """One overlay of ``word``'s map per cross-attention layer (each at its own resolution), averaged over
-    ``steps``. Labels are ``layer (h x w)``.
+    """The image, then ``word``'s map in each cross-attention layer (each at its own resolution), averaged
+    over ``steps``, on one shared scale with its colour bar. Labels are ``layer (h x w)``.
 
     Example:
         >>> import attnlens, torch
@@ -213,27 +368,27 @@ def layer_grid(cache: "AttentionCache", image: Image.Image, word: str, *, layers
         >>> pipe = tiny_pipeline()
         >>> with attnlens.capture(pipe) as cache:
         ...     image = pipe("a red star", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
-        >>> layer_grid(cache, image, "star", tile=16, columns=1).size[0]  # 16 px tiles, 2 px padding
-        20
+        >>> layer_grid(cache, image, "star", tile=16, columns=1).size[0]  # 16 px tiles, 2 px padding, the colour bar
+        88
     """
     names = _cross_layers(cache, layers)
-    tiles, labels = [], []
+    heats, labels = [], []
     for name in names:
         heat = cache.word_map(word, prompt, layers=[name], steps=steps)
-        tiles.append(overlay(image, heat))
+        heats.append(heat)
         labels.append(f"{name} ({heat.shape[0]}x{heat.shape[1]})")
-    return image_grid(tiles, labels, columns=columns, tile=tile)
+    return _maps_beside(image, heats, labels, tile, columns)
 
 
 def step_grid(cache: "AttentionCache", image: Image.Image, word: str, *, steps: Sequence[int] | None = None,
               layers: Sequence[str] | None = None, prompt: int = 0, tile: int = 128, columns: int | None = None) -> Image.Image:
-    """One overlay of ``word``'s map per denoising step (default: every captured step), averaged over
-    ``layers`` at the largest captured grid. Labels are ``step i``.
+    """The image, then ``word``'s map at each denoising step (default: every captured step), averaged over
+    ``layers`` at the largest captured grid, on one shared scale with its colour bar. Labels are ``step i``.
     """
     names = _cross_layers(cache, layers)
     steps = _captured_steps(cache, names) if steps is None else list(steps)
-    tiles = [overlay(image, cache.word_map(word, prompt, layers=names, steps=[s])) for s in steps]
-    return image_grid(tiles, [f"step {s}" for s in steps], columns=columns, tile=tile)
+    heats = [cache.word_map(word, prompt, layers=names, steps=[s]) for s in steps]
+    return _maps_beside(image, heats, [f"step {s}" for s in steps], tile, columns)
 
 
 # ------------------------------------------------------------------------------------ self-attention
@@ -354,107 +509,109 @@ def _grid_points(width: int, height: int, n: int) -> list[tuple[int, int]]:
 def self_attention_grid(cache: "AttentionCache", image: Image.Image, layer: str, points: Sequence[Point] | None = None,
                         *, steps: Sequence[int] | None = None, prompt: int = 0, tile: int = 128,
                         columns: int | None = None) -> Image.Image:
-    """For each query point (default: a 3x3 grid over the image), the image with the point marked next to
-    where that query attends in ``layer``. ``points`` are (x, y) in the image's pixels."""
+    """For each query point (default: a 3x3 grid over the image), the image with the point marked beside the
+    map of where that query attends in ``layer`` (point marked too), all maps on one shared scale with its
+    colour bar. ``points`` are (x, y) in the image's pixels."""
     pts = _grid_points(*image.size, 3) if points is None else list(points)
+    heats = [self_attention_map(cache, layer, p, steps=steps, prompt=prompt, image_size=image.size) for p in pts]
+    scale = shared_scale(heats, from_zero=False)  # rows of a softmax over many keys: all near 1 / keys
     tiles, labels = [], []
-    for p in pts:
-        heat = self_attention_map(cache, layer, p, steps=steps, prompt=prompt, image_size=image.size)
-        tiles += [mark(image, p), mark(overlay(image, heat), p)]
-        labels += [f"query {tuple(int(v) for v in p)}", layer]
-    return image_grid(tiles, labels, columns=columns or 6, tile=tile)
+    for p, heat in zip(pts, heats):
+        tiles += [mark(image, p), mark(as_image(heat, size=image.size, scale=scale), p)]
+        labels += [f"query {tuple(int(v) for v in p)}", f"its attention in {layer}"]
+    return with_colour_bar(image_grid(tiles, labels, columns=columns or 6, tile=tile), scale)
+
+
+# ------------------------------------------------------------------------------------ architecture
+def _short_type(t: str) -> str:
+    return t.replace("Block2D", "").replace("UNetMid", "Mid")
+
+
+def architecture(pipe: Any, box: int = 150) -> Image.Image:
+    """A picture of the denoiser: every block of the UNet placed by level (rows: the query grid at the
+    pipeline's default size) and execution order (columns: down blocks, the middle block, up blocks),
+    with the attention it holds from :func:`attnlens.layers` (how many self- and cross-attention layers,
+    heads x head size), the channel count, and the skip connections between matching levels. Drawn from
+    the model itself, so it is right for any UNet (``pipe`` is a pipeline or a UNet).
+
+    Example:
+        >>> from attnlens._testing import tiny_pipeline
+        >>> img = architecture(tiny_pipeline())
+        >>> img.mode, img.size[0] > img.size[1]
+        ('RGB', True)
+    """
+    from ._layers import get_unet, layers
+
+    unet = get_unet(pipe)
+    table = layers(pipe)
+    cfg = unet.config
+    n = len(cfg.down_block_types)
+    channels = list(cfg.block_out_channels)
+    blocks = ([("down", i, cfg.down_block_types[i], channels[i], i) for i in range(n)]
+              + [("mid", None, cfg.mid_block_type or "none", channels[-1], n - 1)]
+              + [("up", i, cfg.up_block_types[i], channels[::-1][i], n - 1 - i) for i in range(n)])
+    attn: dict[tuple, list] = {}
+    for info in table:
+        parts = info.name.split(".")
+        key = ("mid", None) if parts[0] == "mid" else (parts[0], int(parts[1]))
+        attn.setdefault(key, []).append(info)
+    grids = {info.level: info.resolution for info in table}
+    sample = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    levels = n
+    w, h, gap, row_h, left, top = box, 84, 12, 104, 150, 40
+    width = left + len(blocks) * (w + gap) + 10
+    height = top + levels * row_h + 40
+    out = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(out)
+    font, small, bold = _font(12), _font(11), _font(14)
+    draw.text((10, 8), f"{type(unet).__name__}: {len(table)} attention layers "
+              f"({sum(i.kind == 'self' for i in table)} self, {sum(i.kind == 'cross' for i in table)} cross)",
+              fill=(20, 20, 20), font=bold)
+
+    def centre(col: int, level: int) -> tuple[int, int]:
+        return left + col * (w + gap) + w // 2, top + level * row_h + h // 2
+
+    for level in range(levels):
+        y = top + level * row_h + h // 2
+        gh, gw = grids.get(level, (math.ceil(sample / 2**level),) * 2)
+        draw.text((8, y - 14), f"level {level}", fill=(60, 60, 60), font=font)
+        draw.text((8, y + 2), f"query grid {gh}x{gw}", fill=(60, 60, 60), font=small)
+    for i in range(n):  # skip connections: down i -> up (n - 1 - i), same level
+        (x0, y0), (x1, _) = centre(i, i), centre(2 * n - i, i)
+        for x in range(x0 + w // 2, x1 - w // 2, 10):
+            draw.line([(x, y0 - h // 2 + 6), (min(x + 5, x1 - w // 2), y0 - h // 2 + 6)], fill=(150, 150, 150), width=1)
+    for col in range(len(blocks) - 1):  # the path data takes
+        a, b = centre(col, blocks[col][4]), centre(col + 1, blocks[col + 1][4])
+        draw.line([(a[0] + w // 2, a[1]), (b[0] - w // 2, b[1])], fill=(90, 90, 90), width=2)
+    for col, (part, idx, kind, ch, level) in enumerate(blocks):
+        cx, cy = centre(col, level)
+        layers_here = attn.get((part, idx), [])
+        fill = (214, 232, 250) if layers_here else (236, 236, 236)
+        draw.rounded_rectangle([cx - w // 2, cy - h // 2, cx + w // 2, cy + h // 2], radius=6, fill=fill,
+                               outline=(70, 70, 70), width=1)
+        lines = [(f"{part}" + (f" {idx}" if idx is not None else ""), bold), (_short_type(kind), small), (f"{ch} channels", small)]
+        if layers_here:
+            n_self = sum(i.kind == "self" for i in layers_here)
+            n_cross = sum(i.kind == "cross" for i in layers_here)
+            first = layers_here[0]
+            lines.append((f"{n_self} self + {n_cross} cross", font))
+            lines.append((f"{first.heads} heads x {first.head_dim}", small))
+        else:
+            lines.append(("no attention", small))
+        y = cy - h // 2 + 4
+        for text, f in lines:
+            while draw.textlength(text, font=f) > w - 8 and len(text) > 4:
+                f = small if f is not small else _font(9)
+                if f is not small and draw.textlength(text, font=f) > w - 8:
+                    text = text[: len(text) - 2]
+            draw.text((cx - w // 2 + 5, y), text, fill=(20, 20, 20), font=f)
+            y += 15
+    draw.text((10, height - 24), "rows: levels (each halves the grid); columns: execution order; dashed: skip "
+              "connections; blue: blocks with attention", fill=(80, 80, 80), font=small)
+    return out
 
 
 # ------------------------------------------------------------------------------------ plotly
-OFFLINE_RENDERER = "attnlens_notebook"
-"""The plotly renderer :func:`setup_notebook` registers and selects."""
-
-
-def _register_offline_renderer() -> None:
-    import plotly.io as pio
-    from plotly.io import base_renderers
-
-    class OfflineNotebookRenderer(base_renderers.NotebookRenderer):
-        """plotly's ``"notebook"`` renderer (plotly.js inlined once, when activated) minus the MathJax
-        ``<script>`` it adds to every figure from a CDN, which an offline page cannot load."""
-
-        def to_mimebundle(self, fig_dict):
-            from plotly.io import to_html
-
-            html = to_html(fig_dict, config=self.config, auto_play=self.auto_play, include_plotlyjs=False,
-                           include_mathjax=False, post_script=self.post_script, full_html=False,
-                           animation_opts=self.animation_opts, default_width="100%", default_height=525,
-                           validate=False)
-            return {"text/html": html}
-
-    if OFFLINE_RENDERER not in pio.renderers:
-        pio.renderers[OFFLINE_RENDERER] = OfflineNotebookRenderer()
-
-
-def results_dir(needs: str | None = None) -> Path:
-    """The repository's ``benchmarks/results/`` folder, where the benchmarks record their figures.
-
-    The chapters that show recorded results call this. It looks beside the imported package first (a clone
-    installed with ``pip install -e .``), then in the current folder and its parents. ``needs`` names a
-    file that must be in the folder.
-
-    Raises:
-        FileNotFoundError: no such folder (or none holding ``needs``); the message says what was looked for.
-
-    Example:
-        >>> (results_dir("shapes_quality.json") / "shapes_quality.json").is_file()
-        True
-    """
-    here = Path.cwd()
-    for base in (Path(__file__).resolve().parents[1], here, *here.parents):
-        folder = base / "benchmarks" / "results"
-        if folder.is_dir() and (needs is None or (folder / needs).is_file()):
-            return folder
-    what = "benchmarks/results/" + (needs or "")
-    raise FileNotFoundError(f"{what} not found beside the attnlens package, in {here} or its parents: recorded "
-                            "results live in a clone of the attnlens repository (run the chapter there, or run the "
-                            "benchmark that writes the file)")
-
-
-def setup_notebook(renderer: str | None = None) -> None:
-    """The set-up every chapter and lab calls first.
-
-    Selects a plotly renderer that works in an offline static HTML page: :data:`OFFLINE_RENDERER`,
-    plotly's ``"notebook"`` renderer (plotly.js inlined in the page once) without the MathJax script it
-    would load from a CDN for every figure (``$ATTNLENS_PLOTLY_RENDERER`` or ``renderer`` choose
-    another). Also quiets library progress bars and deprecation notices, so pages show only what the
-    chapter prints.
-
-    Example:
-        >>> import plotly.io as pio
-        >>> setup_notebook(renderer="json")
-        >>> pio.renderers.default, OFFLINE_RENDERER in pio.renderers
-        ('json', True)
-    """
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    try:
-        from diffusers.utils import logging as dlog
-
-        dlog.set_verbosity_error()
-        dlog.disable_progress_bar()
-    except ImportError:  # pragma: no cover - diffusers is a dependency
-        pass
-    try:
-        from transformers.utils import logging as tlog
-
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
-    import plotly.io as pio
-
-    _register_offline_renderer()
-    pio.renderers.default = renderer or os.environ.get("ATTNLENS_PLOTLY_RENDERER") or OFFLINE_RENDERER
-
-
 def _data_uri(image: Image.Image) -> str:
     buf = io.BytesIO()
     image.convert("RGB").save(buf, format="PNG", optimize=True)
@@ -462,11 +619,13 @@ def _data_uri(image: Image.Image) -> str:
 
 
 def image_slider(frames: Mapping[str, Sequence[Image.Image]], columns: Sequence[str] | None = None, *, label: str = "",
-                 title: str | None = None, tile: int = 192) -> "go.Figure":
+                 title: str | None = None, tile: int = 192, scale: tuple[float, float] | None = None,
+                 scale_label: str = "attention") -> "go.Figure":
     """A plotly figure with a slider: each slider position shows one row of images.
 
     ``frames`` maps a slider label to its row of images (all rows the same length); ``columns`` are the
-    panel titles. The slider only toggles trace visibility, so it works in static HTML.
+    panel titles. The slider only toggles trace visibility, so it works in static HTML. ``scale`` =
+    (low, high) adds a colour bar of :func:`colour_map` over that range (the maps' shared scale).
 
     Example:
         >>> rows = {f"step {i}": [Image.new("RGB", (8, 8), (40 * i, 0, 0))] * 2 for i in range(3)}
@@ -491,15 +650,21 @@ def image_slider(frames: Mapping[str, Sequence[Image.Image]], columns: Sequence[
         for c, img in enumerate(row):
             fig.add_trace(go.Image(source=_data_uri(img.convert("RGB").resize((tile, tile), Image.NEAREST if img.size[0] < tile else Image.BILINEAR)),
                                    visible=f == 0, hoverinfo="skip"), row=1, col=c + 1)
+    if scale is not None:  # a colour bar alone: a marker trace with nothing to draw but its scale
+        colours = [[i / (len(_VIRIDIS) - 1), "rgb(%d,%d,%d)" % tuple(int(v) for v in c)] for i, c in enumerate(_VIRIDIS)]
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", hoverinfo="skip", showlegend=False,
+                                 marker=dict(colorscale=colours, cmin=float(scale[0]), cmax=float(scale[1]), color=[float(scale[0])],
+                                             showscale=True, colorbar=dict(title=dict(text=scale_label), thickness=12, len=0.8))),
+                      row=1, col=1)
     steps = []
     for f, name in enumerate(frames):
-        visible = [g == f for g in range(len(rows)) for _ in range(n)]
+        visible = [g == f for g in range(len(rows)) for _ in range(n)] + ([True] if scale is not None else [])
         steps.append(dict(method="restyle", args=[{"visible": visible}], label=str(name)))
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
     fig.update_layout(
         sliders=[dict(active=0, steps=steps, currentvalue=dict(prefix=label), pad=dict(t=10))],
-        width=max(320, n * (tile + 20) + 40), height=tile + 150, margin=dict(l=10, r=10, t=60 if title else 40, b=10),
+        width=max(320, n * (tile + 20) + 40 + (90 if scale is not None else 0)), height=tile + 150, margin=dict(l=10, r=10, t=60 if title else 40, b=10),
         title=title,
     )
     return fig
@@ -510,14 +675,15 @@ def attention_slider(cache: "AttentionCache", image: Image.Image, over: str = "s
                      tile: int = 160, title: str | None = None) -> "go.Figure":
     """Cross-attention maps with a slider ``over`` ``"step"``, ``"layer"`` or ``"word"``.
 
-    - ``"step"``: one slider position per step (default: every captured step); one panel per word;
-      maps averaged over ``layers``.
-    - ``"layer"``: one position per cross-attention layer (default: every captured one); one panel per
-      word; maps averaged over ``steps``.
-    - ``"word"``: one position per word; panels are the map alone and its overlay, averaged over
-      ``layers`` and ``steps``.
+    - ``"step"``: one slider position per step (default: every captured step); the image, then one
+      panel per word; maps averaged over ``layers``.
+    - ``"layer"``: one position per cross-attention layer (default: every captured one); the image,
+      then one panel per word; maps averaged over ``steps``.
+    - ``"word"``: one position per word; panels are the image with the map's contours and the map alone,
+      averaged over ``layers`` and ``steps``.
 
-    ``words`` default to every word of the prompt.
+    Every map of the figure is drawn on one shared scale, shown by a colour bar. ``words`` default to
+    every word of the prompt.
 
     Example:
         >>> import attnlens, torch
@@ -526,27 +692,31 @@ def attention_slider(cache: "AttentionCache", image: Image.Image, over: str = "s
         >>> with attnlens.capture(pipe) as cache:
         ...     image = pipe("a red star", num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images[0]
         >>> fig = attention_slider(cache, image, "step", words=["red", "star"])
-        >>> len(fig.layout.sliders[0].steps), len(fig.data)
-        (3, 6)
+        >>> len(fig.layout.sliders[0].steps), len(fig.data)  # 3 steps x (image + 2 words), and the colour bar
+        (3, 10)
     """
     words = list(cache.words(prompt) if words is None else words)
     names = _cross_layers(cache, layers)
     if over == "step":
         chosen = _captured_steps(cache, names) if steps is None else list(steps)
-        frames = {f"{s}": [overlay(image, cache.word_map(w, prompt, layers=names, steps=[s])) for w in words] for s in chosen}
-        return image_slider(frames, words, label="step ", title=title, tile=tile)
+        heats = {f"{s}": [cache.word_map(w, prompt, layers=names, steps=[s]) for w in words] for s in chosen}
+        scale = shared_scale([h for row in heats.values() for h in row])
+        frames = {k: [image] + [as_image(h, scale=scale) for h in row] for k, row in heats.items()}
+        return image_slider(frames, ["image", *words], label="step ", title=title, tile=tile, scale=scale)
     if over == "layer":
-        frames = {}
+        heats = {}
         for name in names:
             maps = [cache.word_map(w, prompt, layers=[name], steps=steps) for w in words]
-            frames[f"{name} ({maps[0].shape[0]}x{maps[0].shape[1]})"] = [overlay(image, m) for m in maps]
-        return image_slider(frames, words, label="layer ", title=title, tile=tile)
+            heats[f"{name} ({maps[0].shape[0]}x{maps[0].shape[1]})"] = maps
+        scale = shared_scale([h for row in heats.values() for h in row])
+        frames = {k: [image] + [as_image(h, scale=scale) for h in row] for k, row in heats.items()}
+        return image_slider(frames, ["image", *words], label="layer ", title=title, tile=tile, scale=scale)
     if over == "word":
-        frames = {}
-        for w in words:
-            heat = cache.word_map(w, prompt, layers=names, steps=steps)
-            frames[w] = [as_image(heat), overlay(image, heat)]
-        return image_slider(frames, ["map", "overlay"], label="word ", title=title, tile=tile)
+        heats = {w: cache.word_map(w, prompt, layers=names, steps=steps) for w in words}
+        scale = shared_scale(list(heats.values()))
+        frames = {w: [overlay(image, h, scale=scale), as_image(h, scale=scale)] for w, h in heats.items()}
+        return image_slider(frames, ["image with the map's contours", "map"], label="word ", title=title, tile=tile,
+                            scale=scale)
     raise AttnlensError(f"over must be one of {choices(('step', 'layer', 'word'))}, not {over!r}")
 
 
@@ -566,8 +736,9 @@ def self_attention_slider(cache: "AttentionCache", image: Image.Image, layer: st
         16
     """
     pts = _grid_points(*image.size, 4) if points is None else list(points)
-    frames = {}
-    for p in pts:
-        heat = self_attention_map(cache, layer, p, steps=steps, prompt=prompt, image_size=image.size)
-        frames[f"({int(p[0])}, {int(p[1])})"] = [mark(image, p), mark(overlay(image, heat), p)]
-    return image_slider(frames, ["query point", f"attention in {layer}"], label="query (x, y) ", title=title, tile=tile)
+    heats = [self_attention_map(cache, layer, p, steps=steps, prompt=prompt, image_size=image.size) for p in pts]
+    scale = shared_scale(heats, from_zero=False)
+    frames = {f"({int(p[0])}, {int(p[1])})": [mark(image, p), mark(as_image(h, size=image.size, scale=scale), p)]
+              for p, h in zip(pts, heats)}
+    return image_slider(frames, ["query point", f"its attention in {layer}"], label="query (x, y) ", title=title,
+                        tile=tile, scale=scale)

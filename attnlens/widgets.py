@@ -10,9 +10,9 @@ Example:
     >>> explorer = AttentionExplorer(tiny_pipeline(), "a red star", num_inference_steps=2)
     >>> explorer.word.options
     ('a', 'red', 'star')
-    >>> before = explorer.overlay.value
+    >>> before = explorer.heat.value
     >>> explorer.word.value = "a"
-    >>> explorer.overlay.value != before
+    >>> explorer.heat.value != before  # the map and its scale are redrawn for the new word
     True
 """
 
@@ -29,7 +29,7 @@ from PIL import Image
 from ._editing import METHODS as _EDIT_METHODS
 from ._errors import AttnlensError, choices
 from ._layers import layers as list_layers
-from .viz import as_image, overlay
+from .viz import as_image, overlay, with_colour_bar
 
 __all__ = ["AttentionExplorer", "EditingLab", "METHODS", "USES_CONTROLS", "reading_table"]
 
@@ -43,6 +43,13 @@ def _png(image: Image.Image, tile: int) -> bytes:
     buf = io.BytesIO()
     resample = Image.NEAREST if image.size[0] < tile else Image.BILINEAR
     image.convert("RGB").resize((tile, tile), resample).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _png_keep(image: Image.Image) -> bytes:
+    """PNG bytes of ``image`` at its own size (a map with its colour bar is not square)."""
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -60,8 +67,8 @@ class AttentionExplorer(w.VBox):
 
     Controls: ``prompt`` (Text), ``seed`` (IntText), ``generate_button`` (Button); ``step``, ``layer``
     and ``word`` (Dropdowns; ``"all"`` averages over steps or layers). Outputs: ``image`` (the
-    generation), ``overlay`` (the word's map over it) and ``heat`` (the map alone, at the chosen
-    layer's resolution or the largest one), all ``ipywidgets.Image`` PNGs, and ``caption`` (HTML).
+    generation), ``overlay`` (the contours of the word's map over it, so the object keeps its colours) and
+    ``heat`` (the map alone with a colour bar, at the chosen layer's resolution or the largest one), all ``ipywidgets.Image`` PNGs, and ``caption`` (HTML).
     After :meth:`generate`, ``cache`` is the :class:`~attnlens.AttentionCache` and ``generated`` the
     PIL image.
 
@@ -86,7 +93,8 @@ class AttentionExplorer(w.VBox):
         super().__init__(children=[
             w.HBox([prompt_box, seed_box, button]),
             w.HBox([word, step, layer]),
-            w.HBox([_captioned(image, "generated"), _captioned(over, "word map over the image"), _captioned(heat, "the map alone")]),
+            w.HBox([_captioned(image, "generated"), _captioned(over, "the word map's contours over the image"),
+                    _captioned(heat, "the map alone, with its scale")]),
             caption,
         ])
         self.pipe, self.tile = pipe, tile
@@ -142,8 +150,9 @@ class AttentionExplorer(w.VBox):
         every = [n for n, i in self.cache.layers.items() if i.kind == "cross"]
         layers = every if self.layer.value == ALL else [self.layer.value]
         heat = self.cache.word_map(self.word.value, layers=layers, steps=steps)
-        self.overlay.value = _png(overlay(self.generated, heat), self.tile)
-        self.heat.value = _png(as_image(heat), self.tile)
+        scale = (0.0, max(float(heat.max()), 1e-12))  # attention is a probability: the bar starts at 0
+        self.overlay.value = _png(overlay(self.generated, heat, scale=scale), self.tile)
+        self.heat.value = _png_keep(with_colour_bar(as_image(heat, size=self.tile, scale=scale), scale))
         where = "all cross-attention layers" if self.layer.value == ALL else layers[0]
         when = f"all {len(self.cache.steps)} steps" if steps is None else f"step {steps[0]}"
         self.caption.value = (f"<code>{html.escape(self.word.value)}</code> in “{html.escape(self.prompt.value)}” "

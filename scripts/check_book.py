@@ -5,7 +5,9 @@ Usage: python scripts/check_book.py [--html _build/html] [--out _build/check] [-
 
 1. Static: no built HTML page may load a script, stylesheet or frame from the network
    (``<script src="https://...">``, ``<link rel=stylesheet href="//...">``, ...). The book must work
-   offline: plotly.js is inlined, ipywidgets' JS is vendored (book/_vendor), there is no math.
+   offline: ipywidgets' JS is vendored (book/_vendor). plotly.js is one file of the site
+   (``_static/plotly.min.js``): a page with a plotly figure must load it from there, and no page may
+   inline its own copy (4.8 MB a page).
 2. Browser: every page of _toc.yml is opened in headless Chromium with every host name unresolvable
    (so nothing can come from the internet). The Chrome DevTools protocol, spoken over
    ``--remote-debugging-pipe`` with the standard library only, collects console errors, uncaught
@@ -60,6 +62,23 @@ def toc_pages(toc: Path) -> list[str]:
 
     walk({k: v for k, v in data.items() if k != "root"})
     return [str(Path(p).with_suffix("")) if Path(p).suffix in (".md", ".ipynb") else p for p in pages]
+
+
+PLOTLY_BUNDLE = re.compile(r"\*\s*plotly\.js v\d")  # the licence header that opens plotly.min.js
+PLOTLY_SCRIPT = re.compile(r"<script\b[^>]*\bsrc=[\"'][^\"']*_static/plotly\.min\.js", re.I)
+
+
+def plotly_problems(html: str, page: Path, root: Path) -> list[str]:
+    """plotly.js once per site: figures need the site's copy, and no page inlines its own."""
+    bad = []
+    if PLOTLY_BUNDLE.search(html):
+        bad.append("inlines plotly.js (figures must use the site's _static/plotly.min.js)")
+    if 'class="plotly-graph-div"' in html:
+        if not PLOTLY_SCRIPT.search(html):
+            bad.append("has a plotly figure but does not load _static/plotly.min.js")
+        elif not (root / "_static" / "plotly.min.js").is_file():
+            bad.append("_static/plotly.min.js is missing from the build")
+    return bad
 
 
 def remote_loads(html: str) -> list[str]:
@@ -248,10 +267,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"check_book: no HTML under {args.html}: build the book first (scripts/book.sh)")
         return 1
     for page in pages:
-        bad = remote_loads(page.read_text(errors="replace"))
+        html = page.read_text(errors="replace")
+        bad = [f"loads from the network: {b}" for b in remote_loads(html)] + plotly_problems(html, page, args.html)
         if bad:
-            failures.setdefault(str(page.relative_to(args.html)), []).extend(f"loads from the network: {b}" for b in bad)
-    print(f"static: {len(pages)} HTML files, {len(failures)} load something from the network")
+            failures.setdefault(str(page.relative_to(args.html)), []).extend(bad)
+    print(f"static: {len(pages)} HTML files, {len(failures)} load something from the network or mishandle plotly.js")
 
     report: dict = {"static_failures": dict(failures), "pages": {}}
     chapters = toc_pages(args.toc)

@@ -184,6 +184,22 @@ def test_remote_load_check_catches_cdn_scripts_and_stylesheets():
     assert check_book.remote_loads(page) == ["<script> https://cdn.example/x.js", "<link> //fonts.example/css"]
 
 
+def test_plotly_check_wants_one_site_copy_and_no_inlined_bundle(tmp_path):
+    figure = '<div class="plotly-graph-div" id="x"></div>'
+    (tmp_path / "_static").mkdir()
+    page = tmp_path / "p.html"
+    assert check_book.plotly_problems("<p>no figure</p>", page, tmp_path) == []
+    assert check_book.plotly_problems(figure, page, tmp_path) == [
+        "has a plotly figure but does not load _static/plotly.min.js"]
+    loads = '<script src="_static/plotly.min.js?v=1"></script>' + figure
+    assert check_book.plotly_problems(loads, page, tmp_path) == ["_static/plotly.min.js is missing from the build"]
+    (tmp_path / "_static" / "plotly.min.js").write_text("x")
+    assert check_book.plotly_problems(loads, page, tmp_path) == []
+    inlined = "<script>/**\n* plotly.js v3.1.0\n* Copyright</script>" + loads
+    assert check_book.plotly_problems(inlined, page, tmp_path) == [
+        "inlines plotly.js (figures must use the site's _static/plotly.min.js)"]
+
+
 BUILT = sorted((ROOT / "_build" / "html").rglob("*.html"))
 
 

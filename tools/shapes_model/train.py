@@ -38,7 +38,6 @@ import copy
 import json
 import shutil
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -567,18 +566,13 @@ def unpack(src: Path, workdir: Path, vae: Path | None = None) -> Path:
     return ckpt
 
 
-def link_or_copy(src: Path, dst: Path) -> None:
-    """Put ``src`` at ``dst``: a relative symbolic link when both lie inside the attnlens package (the
-    embedded model's tokenizer files are the package's own, kept once in the repository), else a copy."""
-    package = Path(attnlens.__file__).resolve().parent
+def copy_file(src: Path, dst: Path) -> None:
+    """Put a copy of ``src`` at ``dst`` (replacing a file or link there). The embedded model's tokenizer files
+    are real copies of the package's own: the repository holds no symbolic links (issue 21, Windows checkouts)."""
     dst = Path(dst)
     if dst.is_symlink() or dst.exists():
         dst.unlink()
-    src_r, dst_parent = Path(src).resolve(), dst.parent.resolve()
-    if package in src_r.parents and package in dst_parent.parents:
-        dst.symlink_to(os.path.relpath(src_r, dst_parent))
-    else:
-        shutil.copyfile(src_r, dst)
+    shutil.copyfile(Path(src).resolve(), dst)
 
 
 def export(workdir: Path, out: Path, use_ema: bool = True) -> Path:
@@ -604,7 +598,7 @@ def export(workdir: Path, out: Path, use_ema: bool = True) -> Path:
     tok_dir = Path(out) / "tokenizer"
     (tok_dir / "tokenizer.json").unlink(missing_ok=True)
     for name in ("vocab.json", "merges.txt", "LICENSE"):
-        link_or_copy(TOKENIZER_DIR / name, tok_dir / name)
+        copy_file(TOKENIZER_DIR / name, tok_dir / name)
 
     vae_meta = json.loads((workdir / "vae.safetensors.json").read_text())["meta"]
     record = {
@@ -695,7 +689,7 @@ def card(folder: Path, results: Path = RESULTS) -> Path:
     folder = Path(folder)
     record_rebuild(folder)
     if (folder / "tokenizer").is_dir():
-        link_or_copy(TOKENIZER_DIR / "LICENSE", folder / "tokenizer" / "LICENSE")
+        copy_file(TOKENIZER_DIR / "LICENSE", folder / "tokenizer" / "LICENSE")
     return write_card(folder, results)
 
 
