@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from ._errors import AttnlensError
-from ._layers import LayerInfo
+from ._layerinfo import LayerInfo
 
 SUPPORTED = ("UNet2DConditionModel (Stable Diffusion 1.x, 2.x, SDXL and their fine-tunes)",
              "PixArtTransformer2DModel (PixArt-alpha, PixArt-Sigma)", "SD3Transformer2DModel (SD3, SD3.5)",

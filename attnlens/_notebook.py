@@ -201,8 +201,8 @@ def capture_settings(pipe, *, kind: str | None = "self", items: int = 1, num_inf
     model: ``{}`` when the full capture fits (the embedded Shapes model), else the largest
     ``store_resolution`` that fits (32, 16 or 8: each map's query and self-attention key grids pooled to
     that side), and, only with ``allow_reduce``, ``reduce="mean"`` (one map per layer instead of one per
-    step). The estimate is the one :func:`attnlens.capture` checks before it runs (bytes of fp16 maps,
-    ``items`` prompts of the conditional branch, head mean).
+    step). The estimate is the one :func:`attnlens.capture` checks before it runs (fp16 maps of ``items``
+    prompts of the conditional branch, head mean, plus the working memory of the largest layer).
 
     Raises:
         AttnlensError: nothing fits; the message gives the smallest estimate.
@@ -217,7 +217,7 @@ def capture_settings(pipe, *, kind: str | None = "self", items: int = 1, num_inf
     """
     from types import SimpleNamespace
 
-    from ._capture import DEFAULT_BUDGET, _Recorder
+    from ._capture import _MIN_CHUNK, DEFAULT_BUDGET, _Recorder
     from ._layers import layers as list_layers
     from ._select import Selector
 
@@ -236,10 +236,13 @@ def capture_settings(pipe, *, kind: str | None = "self", items: int = 1, num_inf
     smallest = None
     for option in options:
         rec = _Recorder(sel, None, torch.float16, option.get("reduce"), option.get("store_resolution"), budget, chosen)
-        rec.clock = SimpleNamespace(latent_hw=latent)
+        rec.clock = SimpleNamespace(latent_hw=latent, text_len=None)
         rec.steps = sel.step_indices(num_inference_steps)
         rec.rows = [None] * items
-        need = sum(rec._bytes(info) for info in chosen)
+        rec.batch = 2 * items  # the classifier-free-guidance batch the layers compute
+        # what capture checks: the stored maps plus one layer's working set, with the chunks as small as
+        # capture makes them before it gives up
+        need = sum(rec.memory(_MIN_CHUNK))
         smallest = need if smallest is None else min(smallest, need)
         if need <= budget:
             return option

@@ -47,8 +47,11 @@ def _imports(name: str, path: Path) -> set[str]:
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module
-            found.add(target)
-            found.update(f"{target}.{alias.name}" for alias in node.names)  # `from pkg import module`
+            if node.module or not node.level:
+                found.add(target)
+            # `from pkg import module`; `from . import module` names only the sibling module (its package is
+            # initialised before any of its modules, so that is no edge back to the package)
+            found.update(f"{target}.{alias.name}" for alias in node.names)
     return found
 
 

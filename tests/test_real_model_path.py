@@ -22,15 +22,15 @@ def sd15_meta():
 
 def _bytes(pipe, items, steps, **fit):
     """What capture would check: the same estimate, for a full-size (512x512) SD 1.5 run."""
-    from attnlens._capture import _Recorder
+    from attnlens._capture import _MIN_CHUNK, _Recorder
     from attnlens._select import Selector
 
     sel = Selector(kind="self")
     chosen = sel.match(attnlens.layers(pipe))
     rec = _Recorder(sel, None, torch.float16, fit.get("reduce"), fit.get("store_resolution"), DEFAULT_BUDGET, chosen)
-    rec.clock = types.SimpleNamespace(latent_hw=(64, 64))
-    rec.steps, rec.rows = set(range(steps)), [None] * items
-    return sum(rec._bytes(i) for i in chosen)
+    rec.clock = types.SimpleNamespace(latent_hw=(64, 64), text_len=None)
+    rec.steps, rec.rows, rec.batch = set(range(steps)), [None] * items, 2 * items
+    return sum(rec.memory(_MIN_CHUNK))  # stored maps + the smallest working set capture shrinks its chunks to
 
 
 @pytest.mark.parametrize("chapter, items, steps", [("04 self-attention", 3, 20), ("07 free-prompt editing", 2, 20)])
