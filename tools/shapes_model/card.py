@@ -498,7 +498,14 @@ def render_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_p
 
 
 # the recipe fields train.py's command line sets (the rest of UNetConfig is fixed in code)
-_UNET_FLAGS = ("prediction_type", "text_table_steps", "snr_floor", "latent_std")
+_UNET_FLAGS = ("prediction_type", "text_table_steps", "snr_floor", "latent_std",
+               # the architecture levers (issue 17's candidates); a resumed run takes them from its checkpoint
+               "layers_per_block", "transformer_layers", "attention_levels")
+
+
+def _value(v) -> str:
+    """A flag's value as the command line takes it (a sequence as space-separated items)."""
+    return " ".join(str(x) for x in v) if isinstance(v, (list, tuple)) else str(v)
 
 
 OUT = "{out}"
@@ -537,8 +544,8 @@ def unet_commands(training: dict, seed, defaults) -> list[tuple[str, str]]:
             if key in _UNET_FLAGS:
                 config[key] = old
     base = f"{TRAIN} unet --workdir {WORKDIR}"
-    first = "".join(f" {_flag(k)} {config[k]}" for k in _UNET_FLAGS
-                    if k in config and config[k] != getattr(defaults, k))
+    first = "".join(f" {_flag(k)} {_value(config[k])}" for k in _UNET_FLAGS
+                    if k in config and _value(config[k]) != _value(getattr(defaults, k)))
     final = training.get("unet_total_steps") or training.get("unet_step")
     commands, flags = [], first
     for i, c in enumerate(changes):

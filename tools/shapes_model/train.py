@@ -108,6 +108,16 @@ class UNetConfig:
     # from scratch with mixing from step 0, the encoder never passed position words on, while a plain word
     # table did within a few hundred steps (benchmarks/shapes_text_path.py). 0: CLIP's own initialisation
     text_table_steps: int = 0
+    # architecture levers for a UNet whose self-attention must carry the layout (issue 17); the defaults are
+    # the shipped model's. transformer_layers: transformer blocks per attention module (diffusers'
+    # ``transformer_layers_per_block``); attention_levels: the levels (0 = the latent's own grid) whose down and
+    # up blocks have attention, () = every level but the lowest (SD's layout; the mid block always has it)
+    transformer_layers: int = 1
+    attention_levels: tuple[int, ...] = ()
+
+
+ARCHITECTURE = ("layers_per_block", "transformer_layers", "attention_levels")
+"""UNet fields a new run takes from the command line and a resumed run from its checkpoint."""
 
 
 TINY_VAE = VAEConfig(block_out_channels=(8, 8, 8), norm_num_groups=4, batch=4)
@@ -155,12 +165,14 @@ def build_unet(cfg: UNetConfig, latent_channels: int = 4, sample_size: int = 16)
     from diffusers import UNet2DConditionModel
 
     n = len(cfg.block_out_channels)
+    attn = set(cfg.attention_levels or range(n - 1))
     return UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=latent_channels,
         out_channels=latent_channels,
-        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        down_block_types=tuple("CrossAttnDownBlock2D" if i in attn else "DownBlock2D" for i in range(n)),
+        up_block_types=tuple("CrossAttnUpBlock2D" if i in attn else "UpBlock2D" for i in reversed(range(n))),
+        transformer_layers_per_block=cfg.transformer_layers,
         block_out_channels=tuple(cfg.block_out_channels),
         layers_per_block=cfg.layers_per_block,
         cross_attention_dim=cfg.cross_attention_dim,
@@ -369,6 +381,10 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
     ``None`` takes the checkpoint's (``cfg``'s for a new run), and a different value for a resumed run is
     an error.
     """
+    if (workdir / "unet.safetensors.json").exists():  # a resumed run rebuilds the architecture it was started with
+        saved = json.loads((workdir / "unet.safetensors.json").read_text())["meta"]["config"]
+        cfg = replace(cfg, **{k: tuple(saved[k]) if isinstance(saved[k], list) else saved[k]
+                              for k in ARCHITECTURE if k in saved})
     fixed = {"prediction_type": prediction_type, "text_table_steps": text_table_steps}
     cfg = replace(cfg, **{k: v for k, v in fixed.items() if v is not None})  # a resumed run checks them below
     if cfg.prediction_type not in ("epsilon", "v_prediction"):
@@ -731,6 +747,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-table-steps", type=int, default=None,
                         help="unet, new runs: steps the text encoder starts as a word table with frozen layers "
                         "(UNetConfig.text_table_steps; default 0)")
+    parser.add_argument("--layers-per-block", type=int, default=None,
+                        help="unet, new runs: ResNet layers per UNet block (UNetConfig.layers_per_block; default 2)")
+    parser.add_argument("--transformer-layers", type=int, default=None,
+                        help="unet, new runs: transformer blocks per attention module (default 1)")
+    parser.add_argument("--attention-levels", type=int, nargs="+", default=None,
+                        help="unet, new runs: the levels whose blocks have attention, 0 = the latent grid (default: all "
+                        "but the lowest)")
     parser.add_argument("--out", type=Path, help="export, card: the diffusers folder to write")
     parser.add_argument("--raw", action="store_true",
                         help="export: the raw weights instead of their EMA (early in a run the EMA still "
@@ -754,7 +777,10 @@ def main(argv: list[str] | None = None) -> None:
         train_vae(args.workdir, args.steps, TINY_VAE if args.tiny else VAEConfig(), args.seed,
                   args.save_every, args.eval_every)
     elif args.stage == "unet":
-        train_unet(args.workdir, args.steps, TINY_UNET if args.tiny else UNetConfig(), args.seed, args.save_every,
+        arch = {"layers_per_block": args.layers_per_block, "transformer_layers": args.transformer_layers,
+                "attention_levels": tuple(args.attention_levels) if args.attention_levels else None}
+        cfg = replace(TINY_UNET if args.tiny else UNetConfig(), **{k: v for k, v in arch.items() if v is not None})
+        train_unet(args.workdir, args.steps, cfg, args.seed, args.save_every,
                    snr_floor=args.snr_floor, latent_std=args.latent_std,
                    prediction_type=args.prediction_type, text_table_steps=args.text_table_steps)
     elif args.stage == "pack":
