@@ -27,7 +27,7 @@ study from saying "yes" by construction:
   (the text encoder's) alone, and the layers after it see no image yet either.
 
 ``CLAIMS`` states each of the paper's claims as a difference with a threshold, fixed before the run,
-and the direction that would contradict it; :func:`verdict` says agrees / disagrees / inconclusive from
+and the direction that would contradict it; :func:`claim_verdict` says agrees / disagrees / inconclusive from
 the difference's 95% interval over paired folds. The JSON carries them as ``"claims"``: a list of
 ``{"claim", "test", "threshold", "verdict", "interval", "difference", "per_probe": {probe: {...}}}``
 (``verdict`` is the probes' common verdict, "inconclusive" where the two probes differ).
@@ -122,7 +122,15 @@ def seen(image) -> dict:
     return {"seen_found": r.found, **{f"seen_{a}": r.attributes.get(a, "") for a in ATTRS}}
 
 
-def verdict(low: float, high: float, threshold: float) -> str:
+def verdict(row: pd.Series) -> str:
+    """Whether one probe row decodes its attribute: **yes** when it beats its control task by >= 0.2 and its
+    interval clears the control, **weak** when by >= 0.1, **no** otherwise (a description of a row, not a claim)."""
+    if row.selectivity >= 0.2 and row.ci_low > row.control:
+        return "yes"
+    return "weak" if row.selectivity >= 0.1 else "no"
+
+
+def claim_verdict(low: float, high: float, threshold: float) -> str:
     """The claim "difference > threshold": its interval above the threshold agrees, below disagrees."""
     if not (np.isfinite(low) and np.isfinite(high)):
         return "inconclusive"
@@ -187,7 +195,7 @@ def probe_all(feats: attnlens.Features, text: attnlens.Features | None, cv: int,
     """Every feature at every site (and the text-only rows), every attribute; the layout columns the oracle
     read on the shape word and self-attention, on readable images. Each feature with its own control task."""
     parts = []
-    attrs = [a for a in attrs if a in feats.labels]
+    attrs = [a for a in attrs if a in feats.labels and feats.y[a].nunique() > 1]
     seen_attrs = [a for a in seen_attrs if a in feats.labels and "seen_found" in feats.labels]
     for f in [f for f in FEATURES if f in feats.features]:
         parts.append(attnlens.probe(feats, attrs, feature=f, cv=cv, model=model, control_by=CONTROL_BY[f],
@@ -291,7 +299,7 @@ def assess(folds: dict, claims=CLAIMS, models=PROBES) -> list[dict]:
             if fa is None or fb is None:
                 continue
             diff, low, high = t_interval(np.asarray(fa) - fb)
-            per[m] = {"difference": diff, "interval": [low, high], "verdict": verdict(low, high, cl["threshold"])}
+            per[m] = {"difference": diff, "interval": [low, high], "verdict": claim_verdict(low, high, cl["threshold"])}
         verdicts = {p["verdict"] for p in per.values()}
         combined = "untested" if not per else (verdicts.pop() if len(verdicts) == 1 else "inconclusive")
         main = per.get("logreg") or next(iter(per.values()), {"difference": float("nan"), "interval": [np.nan, np.nan]})
@@ -383,7 +391,7 @@ def main() -> None:
             + (f" --model {args.model}" if args.model else ""),
             "generations": len(y), "prompts": args.prompts, "scene_seed": SCENE_SEED, "split_seed": SPLIT_SEED,
             "seeds": args.seeds, "steps": args.steps, "probe_steps": args.probe_steps, "cv": args.cv,
-            "cv_eval": args.cv_eval, "probes": list(PROBES), "control_by": CONTROL_BY,
+            "cv_eval": args.cv_eval, "probe": "logreg", "probes": list(PROBES), "control_by": CONTROL_BY,
             "selection_generations": out["n_selection"], "evaluation_generations": out["n_evaluation"],
             "collect_seconds": round(collect_s, 1), "probe_seconds": round(probe_s, 1), "threads": args.threads,
             "timing_note": ("measured on a loaded shared machine (other jobs on both cores): not the idle-machine "

@@ -404,8 +404,9 @@ def test_the_study_says_disagrees_where_a_claim_is_false(claim_true):
 
 def test_study_verdict_rule_and_halves():
     study = study_module()
-    assert study.verdict(0.05, 0.2, 0.02) == "agrees" and study.verdict(-0.1, 0.01, 0.02) == "disagrees"
-    assert study.verdict(0.0, 0.1, 0.02) == "inconclusive" and study.verdict(np.nan, np.nan, 0.0) == "inconclusive"
+    v = study.claim_verdict
+    assert v(0.05, 0.2, 0.02) == "agrees" and v(-0.1, 0.01, 0.02) == "disagrees"
+    assert v(0.0, 0.1, 0.02) == "inconclusive" and v(np.nan, np.nan, 0.0) == "inconclusive"
     feats, _ = claim_world(study, True)
     sel, ev = study.halves(feats)
     assert not set(feats.groups[sel]) & set(feats.groups[ev]) and sel.sum() == ev.sum()
@@ -426,3 +427,16 @@ def test_text_only_baseline_reads_the_encoder_at_the_features_word(pipe, referen
     np.testing.assert_allclose(text["shape", study.TEXT, 0][row], hidden[where].mean(0), atol=1e-5)
     same_prompt = np.flatnonzero(reference.groups == reference.groups[row])
     assert len(same_prompt) == 2 and np.allclose(*text["end", study.TEXT, 0][same_prompt])  # seeds share the text
+
+
+def test_the_study_reruns_on_another_model_with_no_code_change(pipe):
+    """The whole analysis (tables, held-out sites, text-only baseline, claims) on a tiny random model."""
+    study = study_module()
+    scenes = shapes.grid(shape=["star", "circle", "heart"], colour=["red", "blue"], size=["large", "small"],
+                         position=["left", "right"], background="black")
+    feats = collect(pipe, scenes, words=study.WORDS, seeds=2, sites=Selector(kind=None, layers=["mid.*"], steps=[0, 1]),
+                    num_inference_steps=STEPS, progress=False, batch_size=8)
+    out = study.run_study(feats, study.text_only(pipe, feats), [0, 1], cv=2, cv_eval=2, models=("logreg",))
+    assert set(out["table"]["feature"]) == set(study.FEATURES) and "background" not in set(out["table"]["attribute"])
+    assert {c["verdict"] for c in out["claims"]} <= {"agrees", "disagrees", "inconclusive", "untested"}
+    assert len(out["step0"]) == 4 and json.dumps(out["claims"], default=float)
