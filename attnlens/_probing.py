@@ -248,7 +248,7 @@ def _control_labels(y: np.ndarray, types: np.ndarray, seed: int, salt: int) -> n
 
 def _seen_fraction(types: np.ndarray, splits: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
     """The fraction of test samples whose control type also occurs in the training rows (mean over folds)."""
-    return float(np.mean([np.isin(types[te], types[tr]).mean() for tr, te in splits]))
+    return float(np.mean([float(np.isin(types[te], types[tr]).mean()) for tr, te in splits]))
 
 
 def fold_scores(X: np.ndarray, labels: Sequence[np.ndarray], splits: Sequence[tuple[np.ndarray, np.ndarray]],
@@ -369,7 +369,7 @@ def probe(
         >>> row = df.iloc[0]
         >>> row.site, bool(row.accuracy > 0.95), bool(row.baseline <= 0.6), bool(abs(row.permutation - 0.5) < 0.25)
         ('mid.0.cross@0', True, True, True)
-        >>> bool(row.selectivity > 0.3), row.control_by, row.control_seen   # per-prompt types: never seen in training
+        >>> bool(row.selectivity > 0.3), row.control_by, float(row.control_seen)   # per-prompt types never recur
         (True, 'prompt', 0.0)
     """
     if not isinstance(features, Features):

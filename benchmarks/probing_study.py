@@ -340,6 +340,26 @@ def run_study(feats: attnlens.Features, text: attnlens.Features | None, steps: l
             "step0": step0_lesson(folds, models), "n_selection": int(sel_mask.sum()), "n_evaluation": int(eval_mask.sum())}
 
 
+def write_results(out: dict, y: pd.DataFrame, settings: dict, results: Path, stem: str) -> tuple[pd.DataFrame, dict]:
+    """Write ``{stem}.csv`` (the selection-half table), ``{stem}_summary.csv`` (held-out rows) and ``{stem}.json``
+    (``settings``, the split, the oracle's reading, the claims and the first-step comparison)."""
+    followed = {a: float((y[a].astype(str) == y[f"seen_{a}"].astype(str)).mean()) for a in ATTRS
+                if a in y and f"seen_{a}" in y}
+    results.mkdir(parents=True, exist_ok=True)
+    out["table"].to_csv(results / f"{stem}.csv", index=False)
+    summary = out["held_out"].merge(out["chosen"][["feature", "attribute", "steps", "selection_median"]],
+                                    on=["feature", "attribute", "steps"], how="left")
+    summary.to_csv(results / f"{stem}_summary.csv", index=False, float_format="%.4f")
+    meta = {**settings, "generations": len(y), "scene_seed": SCENE_SEED, "split_seed": SPLIT_SEED,
+            "probe": "logreg", "probes": list(PROBES), "control_by": CONTROL_BY,
+            "selection_generations": out["n_selection"], "evaluation_generations": out["n_evaluation"],
+            "oracle_found": float(y["seen_found"].astype(str).isin(["True", "true", "1"]).mean()) if "seen_found" in y
+            else float("nan"),
+            "prompt_followed": followed, "claims": out["claims"], "step0": out["step0"]}
+    (results / f"{stem}.json").write_text(json.dumps(meta, indent=1, default=float))
+    return summary, meta
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="diffusers folder or hub id (default: the embedded Shapes model)")
@@ -380,25 +400,15 @@ def main() -> None:
         if args.features_dir is None:
             shutil.rmtree(tmp.parent, ignore_errors=True)
 
-    followed = {a: float((y[a].astype(str) == y[f"seen_{a}"].astype(str)).mean()) for a in ATTRS}
-    results.mkdir(parents=True, exist_ok=True)
-    out["table"].to_csv(results / f"{stem}.csv", index=False)
-    summary = out["held_out"].merge(out["chosen"][["feature", "attribute", "steps", "selection_median"]],
-                                    on=["feature", "attribute", "steps"], how="left")
-    summary.to_csv(results / f"{stem}_summary.csv", index=False, float_format="%.4f")
-    meta = {"model": str(args.model or os.environ.get("ATTNLENS_MODEL") or "embedded Shapes model"),
-            "command": "python benchmarks/probing_study.py" + (" --quick" if args.quick else "")
-            + (f" --model {args.model}" if args.model else ""),
-            "generations": len(y), "prompts": args.prompts, "scene_seed": SCENE_SEED, "split_seed": SPLIT_SEED,
-            "seeds": args.seeds, "steps": args.steps, "probe_steps": args.probe_steps, "cv": args.cv,
-            "cv_eval": args.cv_eval, "probe": "logreg", "probes": list(PROBES), "control_by": CONTROL_BY,
-            "selection_generations": out["n_selection"], "evaluation_generations": out["n_evaluation"],
-            "collect_seconds": round(collect_s, 1), "probe_seconds": round(probe_s, 1), "threads": args.threads,
-            "timing_note": ("measured on a loaded shared machine (other jobs on both cores): not the idle-machine "
-                            "budget" if args.loaded else "measured on an otherwise idle machine"),
-            "oracle_found": float(y["seen_found"].astype(str).isin(["True", "true", "1"]).mean()),
-            "prompt_followed": followed, "claims": out["claims"], "step0": out["step0"]}
-    (results / f"{stem}.json").write_text(json.dumps(meta, indent=1, default=float))
+    settings = {"model": str(args.model or os.environ.get("ATTNLENS_MODEL") or "embedded Shapes model"),
+                "command": "python benchmarks/probing_study.py" + (" --quick" if args.quick else "")
+                + (f" --model {args.model}" if args.model else ""),
+                "prompts": args.prompts, "seeds": args.seeds, "steps": args.steps, "probe_steps": args.probe_steps,
+                "cv": args.cv, "cv_eval": args.cv_eval, "collect_seconds": round(collect_s, 1),
+                "probe_seconds": round(probe_s, 1), "threads": args.threads,
+                "timing_note": ("measured on a loaded shared machine (other jobs on both cores): not the idle-machine "
+                                "budget" if args.loaded else "measured on an otherwise idle machine")}
+    summary, meta = write_results(out, y, settings, results, stem)
 
     pd.set_option("display.width", 200)
     print(f"\n{len(y)} generations ({args.prompts} prompts x {args.seeds} seeds), collect {collect_s:.0f} s, "
