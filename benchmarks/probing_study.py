@@ -54,6 +54,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -403,8 +404,7 @@ def main() -> None:
             shutil.rmtree(tmp.parent, ignore_errors=True)
 
     settings = {"model": str(args.model or os.environ.get("ATTNLENS_MODEL") or "embedded Shapes model"),
-                "command": "python benchmarks/probing_study.py" + (" --quick" if args.quick else "")
-                + (f" --model {args.model}" if args.model else ""),
+                "command": " ".join(["python benchmarks/probing_study.py", *sys.argv[1:]]),
                 "prompts": args.prompts, "seeds": args.seeds, "steps": args.steps, "probe_steps": args.probe_steps,
                 "cv": args.cv, "cv_eval": args.cv_eval, "collect_seconds": round(collect_s, 1),
                 "probe_seconds": round(probe_s, 1), "threads": args.threads,
