@@ -350,7 +350,7 @@ def probe(
             ``"seed"``; default ``"prompt"``. Each type gets one fixed random label. Under prompt-grouped
             folds per-prompt types never recur in a test fold, so that control sits at chance by
             construction (``control_seen`` 0); choose types that recur across folds (a word) to test
-            memorisation.
+            memorisation. With a single input type there is no control task (``control`` is NaN).
         seed: seeds the folds, the permutation, the control labels and the MLP.
         n_jobs: fit keys in parallel with joblib (``None``: one process).
         progress: show a progress bar over keys.
@@ -392,8 +392,9 @@ def probe(
             values, counts = np.unique(y[tr], return_counts=True)
             baseline.append(float(np.mean(y[te] == values[np.argmax(counts)])))
         shuffled = np.random.default_rng([seed, 1]).permutation(y)
-        plans[a] = (y, splits, float(np.mean(baseline)), shuffled, _control_labels(y, types, seed, salt),
-                    _seen_fraction(types, splits))
+        one_type = len(np.unique(types)) < 2  # a single input type: the control would be a constant label
+        plans[a] = (y, splits, float(np.mean(baseline)), shuffled,
+                    None if one_type else _control_labels(y, types, seed, salt), _seen_fraction(types, splits))
 
     def run(key: Key) -> list[dict]:
         X = np.asarray(features[key], dtype=np.float32)
@@ -402,9 +403,11 @@ def probe(
         rows = []
         for a, (y, splits, base, shuffled, typed, seen) in plans.items():
             # logreg: every fold, the permutation and the control task in one batched solve
-            scores = fold_scores(X, [y, shuffled, typed] if control else [y], splits, model, seed)
+            extra = ([shuffled] + ([] if typed is None else [typed])) if control else []
+            scores = fold_scores(X, [y, *extra], splits, model, seed)
             acc = scores[0]
-            perm, ctrl = (float(scores[1].mean()), float(scores[2].mean())) if control else (np.nan, np.nan)
+            perm = float(scores[1].mean()) if control else np.nan
+            ctrl = float(scores[2].mean()) if control and typed is not None else np.nan
             half, _ = _interval(acc)
             mean = float(acc.mean())
             rows.append({

@@ -346,6 +346,8 @@ def test_a_feature_with_real_signal_has_positive_selectivity():
     assert row.accuracy > 0.9 and abs(row.control - 1 / 3) < 0.25 and row.selectivity > 0.4
     mlp = probe(typed(0.0, 4.0), "colour", cv=4, control_by="word", model="mlp").iloc[0]
     assert mlp.accuracy > 0.9 and mlp.selectivity > 0.3
+    one_seed = probe(typed(0.0, 4.0, n_seeds=1), "colour", cv=4, control_by="seed").iloc[0]
+    assert np.isnan(one_seed.control) and np.isnan(one_seed.selectivity) and not np.isnan(one_seed.permutation)
     with pytest.raises(AttnlensError, match="control_by names unknown column.*'hue'.*valid: 'word', 'colour'"):
         probe(typed(0.0, 4.0), "colour", control_by="hue")
 
