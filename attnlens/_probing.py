@@ -6,9 +6,19 @@ classifier in ``cv`` folds that never share a group between train and test, and 
 * ``accuracy``: mean test accuracy over the folds, with a 95% t-interval over folds (``ci_low``,
   ``ci_high``; ``interval`` is its half-width);
 * ``baseline``: the accuracy of predicting the training fold's majority class;
-* ``control``: the same probe, same folds, trained and tested on labels shuffled across samples
-  (a seeded permutation, class frequencies kept): what the probe scores on labels that carry nothing;
-* ``selectivity``: ``accuracy - control``.
+* ``permutation``: the same probe, same folds, trained and tested on the labels shuffled across samples
+  (a seeded permutation, class frequencies kept). It rules out a pipeline that scores above chance
+  with no information at all (a leak between folds, a bug in the scoring); under grouped folds it sits
+  at chance by construction, so it says nothing about what the probe can memorise;
+* ``control``: the Hewitt and Liang (2019) **control task**: every *input type* (the value of the
+  ``control_by`` columns, e.g. the word whose map is read, or the prompt) gets one fixed random label,
+  the same for all its samples; the same probe is fitted on the same folds. A probe expressive enough to
+  memorise which type an input is scores high on it wherever the test types also occur in training
+  (``control_seen`` is that fraction of test samples), whatever the attribute;
+* ``selectivity``: ``accuracy - control``. High accuracy with low selectivity means the probe can get
+  the answer by recognising input types, not necessarily by reading the attribute; high selectivity
+  rules that out. It does not say *where* the information comes from (the text encoder, the image):
+  that takes a baseline feature (a text-only probe) on the same folds.
 
 The folds of an attribute are computed once and reused at every site, so sites are compared on the
 same splits.
@@ -30,7 +40,8 @@ from ._select import Selector
 MODELS = ("logreg", "mlp")
 GROUP_BY = ("prompt", "seed", "both")
 COLUMNS = ["site", "layer", "step", "feature", "attribute", "accuracy", "ci_low", "ci_high", "interval", "baseline",
-           "control", "selectivity", "n", "n_classes", "folds", "model", "group_by"]
+           "permutation", "control", "selectivity", "control_seen", "n", "n_classes", "folds", "model", "group_by",
+           "control_by"]
 
 
 def _estimator(model: Any, seed: int):
@@ -210,6 +221,58 @@ def _interval(acc: np.ndarray) -> tuple[float, float]:
     return half, half
 
 
+def _control_types(features: Features, control_by: Any) -> tuple[str, np.ndarray]:
+    """``(name, type id per sample)`` for the control task: the joint value of the ``control_by`` columns."""
+    if control_by is None:
+        control_by = "prompt"
+    cols = [control_by] if isinstance(control_by, str) else list(control_by)
+    if not cols:
+        raise AttnlensError("control_by is empty: name the label column(s) whose value is an input type, or 'prompt'")
+    valid = list(features.labels) + [c for c in ("prompt", "seed") if c in features.y]
+    bad = [c for c in cols if c not in features.y or c not in valid]
+    if bad:
+        raise AttnlensError(f"control_by names unknown column(s) {choices(bad)}; valid: {choices(valid)}")
+    joint = features.y[cols].astype(str).agg("|".join, axis=1)
+    return "+".join(cols), pd.factorize(joint)[0]
+
+
+def _control_labels(y: np.ndarray, types: np.ndarray, seed: int, salt: int) -> np.ndarray:
+    """Hewitt-Liang control labels: each type gets one random class of ``y``, classes spread as evenly over
+    the types as their number allows (so the control is not degenerate when there are few types)."""
+    rng = np.random.default_rng([seed, 2, salt])
+    classes = np.unique(y)
+    n_types = int(types.max()) + 1
+    pool = np.resize(rng.permutation(classes), n_types)
+    return pool[rng.permutation(n_types)][types]
+
+
+def _seen_fraction(types: np.ndarray, splits: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+    """The fraction of test samples whose control type also occurs in the training rows (mean over folds)."""
+    return float(np.mean([float(np.isin(types[te], types[tr]).mean()) for tr, te in splits]))
+
+
+def fold_scores(X: np.ndarray, labels: Sequence[np.ndarray], splits: Sequence[tuple[np.ndarray, np.ndarray]],
+                model: Any = "logreg", seed: int = 0) -> np.ndarray:
+    """Test accuracy of the probe ``model`` on every label array and fold: ``(len(labels), len(splits))``.
+
+    The same probe :func:`probe` fits (``"logreg"`` in one batched solve, anything else one scikit-learn
+    fit per problem); a study that compares two features on the same folds pairs these per-fold scores.
+    """
+    X = np.asarray(X, dtype=np.float32)
+    if model == "logreg":
+        return _logreg_accuracies(X, [np.asarray(y) for y in labels], splits)
+    return np.array([[_fit_score(_estimator(model, seed), X, np.asarray(y), tr, te) for tr, te in splits]
+                     for y in labels])
+
+
+def t_interval(values: np.ndarray) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the mean of ``values`` with its 95% t-interval (``nan`` bounds for < 2 values)."""
+    values = np.asarray(values, dtype=float)
+    half, _ = _interval(values)
+    mean = float(values.mean())
+    return mean, mean - half, mean + half
+
+
 def _select_keys(features: Features, sites: Any, feature: Any) -> list[Key]:
     keys = features.keys()
     if feature is not None:
@@ -258,6 +321,7 @@ def probe(
     cv: int = 5,
     group_by: str | Sequence = "prompt",
     control: bool = True,
+    control_by: str | Sequence[str] | None = None,
     seed: int = 0,
     n_jobs: int | None = None,
     progress: bool = False,
@@ -280,14 +344,21 @@ def probe(
             (neither: fold ``k`` tests on prompts of prompt-fold ``k`` x seeds of seed-fold ``k`` and trains on
             the other prompts x other seeds, so each fold uses about ``(1 - 1/cv)**2`` of the data to train),
             or an array of group ids.
-        control: also fit the shuffled-label control task (doubles the cost).
-        seed: seeds the folds, the control's permutation and the MLP.
+        control: also fit the permutation baseline and the control task (triples the cost).
+        control_by: what an *input type* of the control task is: a label column (``"shape"``: the word
+            whose map a ``"{shape}"`` feature reads), several (their joint value), ``"prompt"`` or
+            ``"seed"``; default ``"prompt"``. Each type gets one fixed random label. Under prompt-grouped
+            folds per-prompt types never recur in a test fold, so that control sits at chance by
+            construction (``control_seen`` 0); choose types that recur across folds (a word) to test
+            memorisation. With a single input type there is no control task (``control`` is NaN).
+        seed: seeds the folds, the permutation, the control labels and the MLP.
         n_jobs: fit keys in parallel with joblib (``None``: one process).
         progress: show a progress bar over keys.
 
     Returns:
         DataFrame with columns ``site, layer, step, feature, attribute, accuracy, ci_low, ci_high, interval,
-        baseline, control, selectivity, n, n_classes, folds, model, group_by``.
+        baseline, permutation, control, selectivity, control_seen, n, n_classes, folds, model, group_by,
+        control_by`` (module docs: what each rules out).
 
     Example:
         >>> import numpy as np, pandas as pd
@@ -296,8 +367,10 @@ def probe(
         >>> X = rng.normal(size=(80, 10)); X[:, 0] += np.where(y.colour == "red", 3.0, -3.0)
         >>> df = probe(Features({("word", "mid.0.cross", 0): X}, y), "colour", cv=4)
         >>> row = df.iloc[0]
-        >>> row.site, bool(row.accuracy > 0.95), bool(row.baseline <= 0.6), bool(abs(row.control - 0.5) < 0.25)
+        >>> row.site, bool(row.accuracy > 0.95), bool(row.baseline <= 0.6), bool(abs(row.permutation - 0.5) < 0.25)
         ('mid.0.cross@0', True, True, True)
+        >>> bool(row.selectivity > 0.3), row.control_by, float(row.control_seen)   # per-prompt types never recur
+        (True, 'prompt', 0.0)
     """
     if not isinstance(features, Features):
         raise AttnlensError(f"probe takes attnlens Features (from collect or load_features), not {type(features).__name__}")
@@ -309,8 +382,9 @@ def probe(
     group_name, groups, second = _groups(features, group_by)
     name = model if isinstance(model, str) else type(model).__name__
     _estimator(model, seed)  # validate early
+    control_name, types = _control_types(features, control_by)
     plans = {}
-    for a in attributes:
+    for salt, a in enumerate(attributes):
         y = features.y[a].astype(str).to_numpy()
         splits = _splits(y, groups, second, cv, seed, a, group_name)
         baseline = []
@@ -318,28 +392,30 @@ def probe(
             values, counts = np.unique(y[tr], return_counts=True)
             baseline.append(float(np.mean(y[te] == values[np.argmax(counts)])))
         shuffled = np.random.default_rng([seed, 1]).permutation(y)
-        plans[a] = (y, splits, float(np.mean(baseline)), shuffled)
+        one_type = len(np.unique(types)) < 2  # a single input type: the control would be a constant label
+        plans[a] = (y, splits, float(np.mean(baseline)), shuffled,
+                    None if one_type else _control_labels(y, types, seed, salt), _seen_fraction(types, splits))
 
     def run(key: Key) -> list[dict]:
         X = np.asarray(features[key], dtype=np.float32)
         if X.shape[0] != len(features):
             raise AttnlensError(f"label and feature counts differ: {key} has {X.shape[0]} rows for {len(features)} labels")
         rows = []
-        for a, (y, splits, base, shuffled) in plans.items():
-            if model == "logreg":  # every fold and the control in one batched solve
-                both = _logreg_accuracies(X, [y, shuffled] if control else [y], splits)
-                acc, ctrl = both[0], (float(both[1].mean()) if control else np.nan)
-            else:
-                acc = np.array([_fit_score(_estimator(model, seed), X, y, tr, te) for tr, te in splits])
-                ctrl = np.mean([_fit_score(_estimator(model, seed), X, shuffled, tr, te) for tr, te in splits]) \
-                    if control else np.nan
+        for a, (y, splits, base, shuffled, typed, seen) in plans.items():
+            # logreg: every fold, the permutation and the control task in one batched solve
+            extra = ([shuffled] + ([] if typed is None else [typed])) if control else []
+            scores = fold_scores(X, [y, *extra], splits, model, seed)
+            acc = scores[0]
+            perm = float(scores[1].mean()) if control else np.nan
+            ctrl = float(scores[2].mean()) if control and typed is not None else np.nan
             half, _ = _interval(acc)
             mean = float(acc.mean())
             rows.append({
                 "site": site_name(key[1], key[2]), "layer": key[1], "step": key[2], "feature": key[0], "attribute": a,
                 "accuracy": mean, "ci_low": max(0.0, mean - half), "ci_high": min(1.0, mean + half), "interval": half,
-                "baseline": base, "control": float(ctrl), "selectivity": mean - float(ctrl), "n": len(y),
-                "n_classes": len(np.unique(y)), "folds": len(splits), "model": name, "group_by": group_name,
+                "baseline": base, "permutation": perm, "control": ctrl, "selectivity": mean - ctrl,
+                "control_seen": seen if control else np.nan, "n": len(y), "n_classes": len(np.unique(y)),
+                "folds": len(splits), "model": name, "group_by": group_name, "control_by": control_name,
             })
         return rows
 

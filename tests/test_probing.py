@@ -269,7 +269,7 @@ def test_planted_signal_is_found_and_the_shuffled_control_is_at_chance():
     df = probe(f, "colour", cv=4).set_index("site")
     hit, noise = df.loc["mid.0.cross@0"], df.loc["mid.0.cross@1"]
     assert hit.accuracy > 0.9 and hit.ci_low <= hit.accuracy <= hit.ci_high and hit.interval >= 0
-    assert abs(hit.control - 1 / 3) < 0.2 and hit.selectivity > 0.5
+    assert abs(hit.permutation - 1 / 3) < 0.2 and abs(hit.control - 1 / 3) < 0.2 and hit.selectivity > 0.5
     assert abs(noise.accuracy - 1 / 3) < 0.2 and abs(noise.selectivity) < 0.25
     assert hit.baseline < 0.5 and hit.n == 96 and hit.n_classes == 3
     from joblib import parallel_backend
@@ -322,3 +322,132 @@ def test_bad_input_raises_clear_errors(pipe, reference):
         probe(reference, "shape", model="svm")
     with pytest.raises(AttnlensError, match="not an attnlens feature directory"):
         load_features(Path(attnlens.__file__).parent)
+
+
+# ------------------------------------------------------------------------------------------ control tasks
+def typed(signal_word: float, signal_colour: float, n_prompts: int = 60, n_seeds: int = 2, seed: int = 0) -> Features:
+    """Each prompt reads one of 6 words and has a colour drawn independently of its word; the feature
+    carries the word identity with strength ``signal_word`` and the colour with ``signal_colour``."""
+    rng = np.random.default_rng(seed)
+    word = np.repeat(np.arange(n_prompts) % 6, n_seeds)
+    colour = np.repeat(rng.permutation(np.arange(n_prompts) % 3), n_seeds)
+    y = pd.DataFrame({"word": np.array(list("abcdef"))[word], "colour": np.array(["red", "green", "blue"])[colour],
+                      "prompt": np.repeat(np.arange(n_prompts), n_seeds), "seed": np.tile(np.arange(n_seeds), n_prompts)})
+    X = rng.normal(size=(len(y), 12))
+    X[:, :6] += signal_word * np.eye(6)[word]
+    X[:, 6:9] += signal_colour * np.eye(3)[colour]
+    return Features({("w", "mid.0.cross", 0): X}, y)
+
+
+def test_control_task_scores_high_for_a_probe_that_memorises_input_types():
+    """The feature knows only which word it belongs to: a fixed random colour per word is easy to fit, so the
+    Hewitt-Liang control is high (the words recur across prompt folds) and selectivity is negative, while the
+    permutation baseline stays at chance and says nothing."""
+    row = probe(typed(4.0, 0.0), "colour", cv=4, control_by="word").iloc[0]
+    assert row.control > 0.9 and row.control_seen == 1.0 and row.control_by == "word"
+    assert abs(row.accuracy - 1 / 3) < 0.2 and abs(row.permutation - 1 / 3) < 0.2 and row.selectivity < -0.4
+    per_prompt = probe(typed(4.0, 0.0), "colour", cv=4).iloc[0]  # per-prompt types never recur in a test fold
+    assert per_prompt.control_by == "prompt" and per_prompt.control_seen == 0.0
+
+
+def test_a_feature_with_real_signal_has_positive_selectivity():
+    row = probe(typed(0.0, 4.0), "colour", cv=4, control_by="word").iloc[0]
+    assert row.accuracy > 0.9 and abs(row.control - 1 / 3) < 0.25 and row.selectivity > 0.4
+    mlp = probe(typed(0.0, 4.0), "colour", cv=4, control_by="word", model="mlp").iloc[0]
+    assert mlp.accuracy > 0.9 and mlp.selectivity > 0.3
+    one_seed = probe(typed(0.0, 4.0, n_seeds=1), "colour", cv=4, control_by="seed").iloc[0]
+    assert np.isnan(one_seed.control) and np.isnan(one_seed.selectivity) and not np.isnan(one_seed.permutation)
+    with pytest.raises(AttnlensError, match="control_by names unknown column.*'hue'.*valid: 'word', 'colour'"):
+        probe(typed(0.0, 4.0), "colour", control_by="hue")
+
+
+# ------------------------------------------------------------------------------------------ the study's claims
+def study_module():
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / "probing_study.py"
+    spec = importlib.util.spec_from_file_location("probing_study_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def claim_world(study, claim_true: bool, n_prompts: int = 72, n_seeds: int = 2):
+    """Synthetic study features: the shape word's map (steps 0 and 6), self-attention, and the text-only
+    feature. Where the claims are true the map knows the colour and the text and self-attention do not; where
+    they are false the text and self-attention know it better than the map does."""
+    rng = np.random.default_rng(1)
+    shape = np.repeat(np.arange(n_prompts) % 3, n_seeds)
+    colour = np.repeat(rng.permutation(np.arange(n_prompts) % 3), n_seeds)
+    y = pd.DataFrame({"shape": np.array(["star", "circle", "heart"])[shape],
+                      "colour": np.array(["red", "green", "blue"])[colour],
+                      "prompt": np.repeat(np.arange(n_prompts), n_seeds), "seed": np.tile(np.arange(n_seeds), n_prompts)})
+    n = len(y)
+    knows = lambda strength: rng.normal(size=(n, 8)) + strength * np.concatenate([np.eye(3)[colour], np.eye(3)[shape],
+                                                                                    np.zeros((n, 2))], 1)
+    other = 0.0 if claim_true else 10.0
+    X = {("shape_word", "down.0.0.cross", 0): knows(2.0), ("shape_word", "down.0.0.cross", 6): knows(2.0),
+         ("self", "down.0.0.self", 0): knows(other), ("self", "down.0.0.self", 6): knows(other)}
+    feats = Features(X, y)
+    text = Features({("shape_word", study.TEXT, 0): knows(other)}, y)
+    return feats, text
+
+
+@pytest.mark.parametrize("claim_true", [True, False])
+def test_the_study_says_disagrees_where_a_claim_is_false(claim_true):
+    study = study_module()
+    feats, text = claim_world(study, claim_true)
+    out = study.run_study(feats, text, [0, 6], cv=3, cv_eval=4, models=("logreg",))
+    got = {c["id"]: c for c in out["claims"]}
+    want = "agrees" if claim_true else "disagrees"
+    for cid in ("cross_beyond_text_colour", "self_poor_colour"):
+        c = got[cid]
+        assert c["verdict"] == want, (cid, c)
+        lo, hi = c["interval"]
+        assert lo <= c["difference"] <= hi and set(c["per_probe"]) == {"logreg"}
+    assert got["self_layout_position"]["verdict"] == "untested"   # no oracle labels in this world
+    table = out["table"]
+    assert set(table["layer"]) == {"down.0.0.cross", "down.0.0.self", study.TEXT} and table["control_by"].notna().all()
+    held = out["held_out"]
+    assert set(held["steps"]) >= {"0", "6", "image", "text"} and (held["n"] == out["n_evaluation"]).all()
+    assert out["n_selection"] + out["n_evaluation"] == len(feats)
+
+
+def test_study_verdict_rule_and_halves():
+    study = study_module()
+    v = study.claim_verdict
+    assert v(0.05, 0.2, 0.02) == "agrees" and v(-0.1, 0.01, 0.02) == "disagrees"
+    assert v(0.0, 0.1, 0.02) == "inconclusive" and v(np.nan, np.nan, 0.0) == "inconclusive"
+    feats, _ = claim_world(study, True)
+    sel, ev = study.halves(feats)
+    assert not set(feats.groups[sel]) & set(feats.groups[ev]) and sel.sum() == ev.sum()
+
+
+def test_text_only_baseline_reads_the_encoder_at_the_features_word(pipe, reference):
+    study = study_module()
+    text = study.text_only(pipe, reference, words=WORDS)
+    assert text.keys() == [(w, study.TEXT, 0) for w in WORDS] and len(text) == len(reference)
+    assert (text.groups == reference.groups).all()
+    row = 3
+    prompt, shape = reference.y["prompt"].iloc[row], reference.y["shape"].iloc[row]
+    tok = pipe.tokenizer
+    ids = tok([prompt], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = pipe.text_encoder(ids)[0][0].float().numpy()
+    where = [i for i, t in enumerate(tok.convert_ids_to_tokens(ids[0].tolist())) if t.startswith(shape)]
+    np.testing.assert_allclose(text["shape", study.TEXT, 0][row], hidden[where].mean(0), atol=1e-5)
+    same_prompt = np.flatnonzero(reference.groups == reference.groups[row])
+    assert len(same_prompt) == 2 and np.allclose(*text["end", study.TEXT, 0][same_prompt])  # seeds share the text
+
+
+def test_the_study_reruns_on_another_model_with_no_code_change(pipe):
+    """The whole analysis (tables, held-out sites, text-only baseline, claims) on a tiny random model."""
+    study = study_module()
+    scenes = shapes.grid(shape=["star", "circle", "heart"], colour=["red", "blue"], size=["large", "small"],
+                         position=["left", "right"], background="black")
+    feats = collect(pipe, scenes, words=study.WORDS, seeds=2, sites=Selector(kind=None, layers=["mid.*"], steps=[0, 1]),
+                    num_inference_steps=STEPS, progress=False, batch_size=8)
+    out = study.run_study(feats, study.text_only(pipe, feats), [0, 1], cv=2, cv_eval=2, models=("logreg",))
+    assert set(out["table"]["feature"]) == set(study.FEATURES) and "background" not in set(out["table"]["attribute"])
+    assert {c["verdict"] for c in out["claims"]} <= {"agrees", "disagrees", "inconclusive", "untested"}
+    assert len(out["step0"]) == 4 and json.dumps(out["claims"], default=float)
