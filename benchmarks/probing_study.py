@@ -44,8 +44,8 @@ the text-only rows at site ``text_encoder``), probing_study_summary.csv (held-ou
 attribute and step group, with the chosen site) and probing_study.json (settings, timings, claims; _quick
 files with --quick), and prints the claims.
 
-    python benchmarks/probing_study.py                              # the embedded model
-    python benchmarks/probing_study.py --model runs/draft-shapes --quick
+    python -m benchmarks.probing_study                              # the embedded model
+    python -m benchmarks.probing_study --model runs/draft-shapes --quick
 """
 
 from __future__ import annotations
@@ -404,7 +404,7 @@ def main() -> None:
             shutil.rmtree(tmp.parent, ignore_errors=True)
 
     settings = {"model": str(args.model or os.environ.get("ATTNLENS_MODEL") or "embedded Shapes model"),
-                "command": " ".join(["python benchmarks/probing_study.py", *sys.argv[1:]]),
+                "command": " ".join(["python -m benchmarks.probing_study", *sys.argv[1:]]),
                 "prompts": args.prompts, "seeds": args.seeds, "steps": args.steps, "probe_steps": args.probe_steps,
                 "cv": args.cv, "cv_eval": args.cv_eval, "collect_seconds": round(collect_s, 1),
                 "probe_seconds": round(probe_s, 1), "threads": args.threads,

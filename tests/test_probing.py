@@ -363,13 +363,9 @@ def test_a_feature_with_real_signal_has_positive_selectivity():
 
 # ------------------------------------------------------------------------------------------ the study's claims
 def study_module():
-    import importlib.util
+    from benchmarks import probing_study
 
-    path = Path(__file__).parents[1] / "benchmarks" / "probing_study.py"
-    spec = importlib.util.spec_from_file_location("probing_study_under_test", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return probing_study
 
 
 def claim_world(study, claim_true: bool, n_prompts: int = 72, n_seeds: int = 2):
