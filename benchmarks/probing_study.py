@@ -403,7 +403,12 @@ def main() -> None:
         if args.features_dir is None:
             shutil.rmtree(tmp.parent, ignore_errors=True)
 
+    from attnlens._identity import fingerprint
+    from attnlens._pipeline import EMBEDDED_MODEL
+
     settings = {"model": str(args.model or os.environ.get("ATTNLENS_MODEL") or "embedded Shapes model"),
+                # the verdicts hold for these weights only (the model card shows them when they match)
+                "model_fingerprint": fingerprint(args.model or os.environ.get("ATTNLENS_MODEL") or EMBEDDED_MODEL),
                 "command": " ".join(["python -m benchmarks.probing_study", *sys.argv[1:]]),
                 "prompts": args.prompts, "seeds": args.seeds, "steps": args.steps, "probe_steps": args.probe_steps,
                 "cv": args.cv, "cv_eval": args.cv_eval, "collect_seconds": round(collect_s, 1),

@@ -252,6 +252,23 @@ def test_card_shows_the_conditioning_gaps_only_for_these_weights(copy, tmp_path)
     assert "Does the model use each word?" not in render_card(copy, tmp_path / "absent.json", conditioning_path=path)
 
 
+def test_card_shows_the_probing_verdicts_as_recorded_and_only_for_these_weights(copy, tmp_path):
+    _as_export(copy)
+    claim = {"claim": "self-attention maps decode colour poorly compared with cross-attention",
+             "test": "shape word's map minus self-attention, colour", "contradicted_by": "the interval below 0.1",
+             "difference": -0.27, "interval": [-0.42, -0.12], "verdict": "disagrees"}
+    study = {"command": "python -m benchmarks.probing_study", "generations": 480, "probes": ["logreg", "mlp"],
+             "model_fingerprint": fingerprint(copy), "claims": [claim]}
+    path = tmp_path / "probing.json"
+    path.write_text(json.dumps(study))
+    card = render_card(copy, tmp_path / "absent.json", probing_path=path)
+    assert "| self-attention maps decode colour poorly compared with cross-attention |" in card
+    assert "| -0.27 (-0.42 to -0.12) | disagrees |" in card
+    study["model_fingerprint"] = "0" * 64
+    path.write_text(json.dumps(study))
+    assert "the paper's claims, tested" not in render_card(copy, tmp_path / "absent.json", probing_path=path)
+
+
 def test_text_path_current_says_whether_the_record_fits_the_folder(copy, tmp_path):
     """The tool verb rebench.sh asks before skipping the text-path benchmark: yes only for the VAE, tokenizer
     and scheduler the record was measured on; a new UNet keeps it, a new VAE does not."""

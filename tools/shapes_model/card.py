@@ -31,6 +31,7 @@ ORACLE_RESULTS = RESULTS_DIR / "oracle_accuracy.json"
 CONDITIONING = RESULTS_DIR / "shapes_conditioning.json"
 POSITION_DIAGNOSIS = RESULTS_DIR / "shapes_position_diagnosis.json"
 TEXT_PATH = RESULTS_DIR / "shapes_text_path.json"
+PROBING = RESULTS_DIR / "probing_study.json"
 # what benchmarks/shapes_text_path.py takes from a model folder (it trains its own UNets and text encoders):
 # its record stays valid for a new UNet or text encoder trained on the same VAE
 TEXT_PATH_INPUTS = ("vae", "tokenizer", "scheduler")
@@ -207,6 +208,30 @@ def _conditioning_section(cond: dict | None, folder: Path) -> list[str]:
     return lines
 
 
+def _probing_section(study: dict | None, folder: Path) -> list[str]:
+    """What the attention maps carry: the claims of benchmarks/probing_study.py as its record states them
+    (each a test with a threshold written before the run, and its verdict), for these weights only."""
+    if study is None or "claims" not in study or study.get("model_fingerprint") != fingerprint(folder):
+        return []
+    lines = [
+        "",
+        "### What the attention maps carry (the paper's claims, tested)",
+        "",
+        f"Probes on the attention maps of {study['generations']} generations (`{study['command']}`; the best site "
+        f"chosen on half of the prompts, its accuracy measured on the other half; {', '.join(study['probes'])} "
+        "probes). Each claim is a test fixed before the run, with the result that would contradict it; the "
+        "verdict is agrees / disagrees / inconclusive from the 95% interval of the difference over paired folds.",
+        "",
+        "| claim | test | contradicted by | measured (95% interval) | verdict |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for c in study["claims"]:
+        lo, hi = c["interval"]
+        lines.append(f"| {c['claim']} | {c['test']} | {c['contradicted_by']} | {c['difference']:+.2f} "
+                     f"({lo:+.2f} to {hi:+.2f}) | {c['verdict']} |")
+    return lines
+
+
 POSITION_USED_GAP = 0.01
 """A model uses its position words when, at some noise level, the lower end of the 95% interval of
 benchmarks/shapes_conditioning.py's position gap is above this (1% of the denoising error)."""
@@ -311,7 +336,7 @@ def _change(key: str, old, new) -> str:
 
 def render_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_path: str | Path = ORACLE_RESULTS,
                 conditioning_path: str | Path = CONDITIONING, diagnosis_path: str | Path = POSITION_DIAGNOSIS,
-                text_path_path: str | Path = TEXT_PATH) -> str:
+                text_path_path: str | Path = TEXT_PATH, probing_path: str | Path = PROBING) -> str:
     """The card's Markdown text for the exported model in ``folder``."""
     folder, results_path = Path(folder), Path(results_path)
     training = _read_json(folder / "training.json")
@@ -451,6 +476,7 @@ def render_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_p
         "",
         *quality,
         *_conditioning_section(_read_json(Path(conditioning_path)), folder),
+        *_probing_section(_read_json(Path(probing_path)), folder),
         *_position_section(_read_json(Path(diagnosis_path)), folder, _read_json(Path(text_path_path)),
                            position_words_used(_read_json(Path(conditioning_path)), folder)),
     ]
