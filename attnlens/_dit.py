@@ -41,6 +41,18 @@ SUPPORTED = ("UNet2DConditionModel (Stable Diffusion 1.x, 2.x, SDXL and their fi
              "FluxTransformer2DModel (Flux.1)")
 
 
+MIN_DIFFUSERS = (0, 35)
+"""The oldest diffusers whose transformer attention attnlens hooks (Flux's ``FluxAttnProcessor`` and SD3's
+q/k norms arrived by 0.35); UNets work with every diffusers the package allows."""
+
+
+def _diffusers_version() -> tuple[int, int]:
+    import diffusers
+
+    major, minor = diffusers.__version__.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
 def dit_types() -> tuple[type, ...]:
     """The transformer denoiser classes attnlens supports."""
     from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
@@ -49,7 +61,17 @@ def dit_types() -> tuple[type, ...]:
 
 
 def is_dit(denoiser: Any) -> bool:
-    return isinstance(denoiser, dit_types())
+    """Whether ``denoiser`` is a supported transformer; an :class:`AttnlensError` when it is one but the installed
+    diffusers is older than :data:`MIN_DIFFUSERS`."""
+    if not isinstance(denoiser, dit_types()):
+        return False
+    if _diffusers_version() < MIN_DIFFUSERS:
+        import diffusers
+
+        raise AttnlensError(f"{type(denoiser).__name__}: attnlens hooks diffusion transformers with diffusers >= "
+                            f"{'.'.join(map(str, MIN_DIFFUSERS))} (installed: {diffusers.__version__}); "
+                            "`pip install -U diffusers`, or use a UNet model")
+    return True
 
 
 def unsupported(obj: Any) -> AttnlensError:

@@ -10,7 +10,12 @@ import torch
 
 import attnlens
 from attnlens import AttnlensError, Selector, capture, layers
+from attnlens._dit import MIN_DIFFUSERS, _diffusers_version
 from attnlens._testing import tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline
+
+# every test here needs the transformer attention of a recent diffusers (conftest skips them on an older one),
+# except the last, which checks what an older one says
+pytestmark = pytest.mark.needs_dit_diffusers
 
 FAMILIES = {"pixart": tiny_pixart_pipeline, "sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline}
 TEXT = 16  # max_sequence_length of the runs: text tokens per prompt
@@ -364,3 +369,16 @@ def test_cli_lists_the_layers_of_a_saved_flux_pipeline(tmp_path, capsys):
     assert main(["--device", "cpu", "layers", str(tmp_path / "flux")]) in (0, None)
     out = capsys.readouterr().out
     assert "single.1.cross" in out and "single_transformer_blocks.1.attn" in out and "joint" in out
+
+
+@pytest.mark.dit_version_check
+@pytest.mark.skipif(_diffusers_version() >= MIN_DIFFUSERS, reason="this diffusers hooks transformers")
+def test_an_older_diffusers_refuses_transformers_clearly():
+    from diffusers import PixArtTransformer2DModel
+
+    tiny = PixArtTransformer2DModel(sample_size=8, num_layers=1, patch_size=2, attention_head_dim=8,
+                                    num_attention_heads=2, caption_channels=32, in_channels=4, cross_attention_dim=16,
+                                    out_channels=8, num_embeds_ada_norm=1000, norm_type="ada_norm_single")
+    with pytest.raises(AttnlensError, match=r"diffusers >= 0\.35 \(installed: "):
+        layers(tiny)
+
