@@ -304,7 +304,7 @@ class AttentionCache:
     def load(cls, path: str | Path) -> "AttentionCache":
         """Read a cache written by :meth:`save`.
 
-        The file is checked before anything is read from it (:func:`attnlens._identity.safetensors_problem`: a
+        The file is checked before anything is read from it (``attnlens._identity.safetensors_problem``: a
         safetensors file, complete, not a renamed pickle), then its metadata (every field :meth:`save` writes,
         no other, each of its type) and its tensors (floating-point ``(items, heads, h, w, keys)`` maps named
         ``layer@step`` of captured layers); an :class:`AttnlensError` naming the file says what is wrong.

@@ -253,7 +253,7 @@ def capture(
 
     Args:
         pipe: a diffusers pipeline whose denoiser is a ``UNet2DConditionModel`` or a supported diffusion
-            transformer (PixArt, SD3/SD3.5, Flux.1: :mod:`attnlens._dit`; a joint-attention layer's
+            transformer (PixArt, SD3/SD3.5, Flux.1: ``attnlens._dit``; a joint-attention layer's
             ``*.cross`` view is its image->text quadrant, ``*.self`` its image->image quadrant).
         selector: a :class:`Selector`; or give its fields as keywords (``layers``, ``kind``, ...).
         dtype: storage dtype of the maps (on CPU).

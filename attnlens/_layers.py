@@ -77,7 +77,7 @@ def _vae_scale(obj: Any) -> int:
 
 def layers(pipe_or_unet: Any) -> LayerTable:
     """Every attention layer of a pipeline's denoiser, in execution order: a UNet's down blocks, mid block and
-    up blocks; a diffusion transformer's blocks (names, streams and grids in :mod:`attnlens._dit`).
+    up blocks; a diffusion transformer's blocks (names, streams and grids in ``attnlens._dit``).
 
     Example:
         >>> from attnlens._testing import tiny_pipeline

@@ -71,7 +71,7 @@ class P2POptions:
             ``"auto"`` (replace when the token counts match, else refine).
         cross_replace_steps: steps (fraction of the schedule, or a Selector step spec) of cross-attention editing.
             A fraction ``f`` (or range) is counted as the reference code counts it, over a table of ``n + 1``
-            entries: steps ``i < int(f * (n + 1))`` (40 of 50, 10 of 12 for 0.8); see :func:`p2p_cross_steps`.
+            entries: steps ``i < int(f * (n + 1))`` (40 of 50, 10 of 12 for 0.8); see ``attnlens._methods.p2p_cross_steps``.
         self_replace_steps: steps of the self-attention map copy (``0`` or ``None``: no copy); a fraction ``f``
             means steps ``i < int(f * n)`` as in the reference code (20 of 50, 4 of 12 for 0.4).
         self_max_resolution: self-attention levels copied (default: a quarter of the side of the finest attention
@@ -503,7 +503,7 @@ class CrossMapEdit(Controller):
     ``mapper[t]``: ``(77,)`` source token index for each target token; ``alpha[t]``: ``(77,)`` 1 where the
     target token takes the source's (mapped) map, 0 where it keeps its own; ``scale[t]``: ``(77,)`` factors
     applied afterwards (reweighting). ``window``: a fraction range ``(lo, hi)`` of the schedule counted as
-    the reference code counts it (:func:`p2p_cross_steps`, over ``n + 1`` entries); ``None``: the
+    the reference code counts it (``attnlens._methods.p2p_cross_steps``, over ``n + 1`` entries); ``None``: the
     selector's steps.
     """
 
