@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from ._collect import Features, Key, site_name
+from ._features import Features, Key, site_name
 from ._errors import AttnlensError, choices
 from ._layers import LayerTable
 from ._select import Selector

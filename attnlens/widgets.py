@@ -26,7 +26,7 @@ import ipywidgets as w
 import torch
 from PIL import Image
 
-from ._editing import METHODS as _EDIT_METHODS
+from ._methods import METHODS as _EDIT_METHODS
 from ._errors import AttnlensError, choices
 from ._layers import layers as list_layers
 from .viz import as_image, overlay, with_colour_bar
