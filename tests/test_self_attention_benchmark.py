@@ -123,3 +123,20 @@ def test_a_tiny_run_writes_the_record(bench, tmp_path, monkeypatch):
     rec = json.loads((tmp_path / "shapes_self_attention_quick.json").read_text())
     assert rec["ablation"][-1]["group"] == "fpe_self" and rec["edits"] is None
     assert set(rec["targets"]) == {"load_bearing_self_attention"} and "timing_note" in rec
+
+
+def test_diagnostic_variants_edit_every_level_and_stay_out_of_the_targets(bench):
+    pipe = tiny_pipeline()
+    finest = max(max(i.resolution) for i in bench.attnlens.layers(pipe) if i.kind == "self")
+    assert bench.variant(pipe, "fpe") == ("fpe", {})
+    method, options = bench.variant(pipe, "fpe_every_level")
+    assert method == "fpe" and options == {"max_resolution": finest}
+    assert bench.variant(pipe, "fpe_every_level_all_steps")[1]["steps"] == (0.0, 1.0)
+    with pytest.raises(ValueError):
+        bench.variant(pipe, "fpe_everywhere")
+    rows = ([_edit("none", False, True) for _ in range(4)] + [_edit("fpe", False, True) for _ in range(4)]
+            + [_edit("fpe_every_level", True, True) for _ in range(4)])
+    v = bench.verdicts(None, rows)
+    assert not v["fpe_keeps_structure"]["pass"]  # a diagnostic never rescues the target
+    assert v["diagnostics"] == {"fpe_every_level": {"pairs": 4, "pairs_without_source_object": 0, "kept": 1.0,
+                                                    "success": 1.0, "n": 4}}
