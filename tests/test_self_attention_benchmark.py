@@ -140,3 +140,14 @@ def test_diagnostic_variants_edit_every_level_and_stay_out_of_the_targets(bench)
     assert not v["fpe_keeps_structure"]["pass"]  # a diagnostic never rescues the target
     assert v["diagnostics"] == {"fpe_every_level": {"pairs": 4, "pairs_without_source_object": 0, "kept": 1.0,
                                                     "success": 1.0, "n": 4}}
+
+
+def test_a_shape_swap_in_place_counts_as_kept(bench):
+    from attnlens import shapes
+
+    scene = shapes.Scene("square", "red", "large", "left", "gray")
+    src = shapes.render(scene)[0]
+    tri = shapes.render(shapes.with_attribute(scene, shape="triangle"))[0]
+    small_tri = shapes.render(shapes.with_attribute(scene, shape="triangle", size="small"))[0]
+    assert bench.structure(src, tri)["kept"] and bench.structure(src, tri)["area_ratio"] < 0.8
+    assert not bench.structure(src, small_tri)["kept"]
