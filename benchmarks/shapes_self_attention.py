@@ -51,7 +51,6 @@ import torch
 import attnlens
 from attnlens import shapes
 from attnlens.shapes import editbench
-from attnlens._layers import get_unet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,33 +63,16 @@ SCENE_SEED = 1717
 
 
 # ------------------------------------------------------------------------------------------ ablation
-class ZeroAttention:
-    """An attention processor whose layer contributes nothing: it returns zeros ``(batch, tokens, channels)``
-    (the input itself where the layer has its own residual connection), so the transformer block keeps only
-    its residual stream."""
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
-        return hidden_states if getattr(attn, "residual_connection", False) else torch.zeros_like(hidden_states)
-
-
 @contextlib.contextmanager
 def zeroed(pipe: Any, names: Sequence[str]) -> Iterator[list[str]]:
-    """Zero the attention layers ``names`` (attnlens layer names) for the duration; restore the exact original
-    processor objects on exit, after an exception too."""
+    """Zero the attention layers ``names`` (attnlens layer names) for the duration (:class:`attnlens.Ablate`:
+    each block keeps only its residual stream); the processors are restored on exit, after an exception too."""
     table = {info.name: info for info in attnlens.layers(pipe)}
     unknown = [n for n in names if n not in table]
     if unknown:
         raise attnlens.AttnlensError(f"unknown attention layer(s) {unknown}; valid: {sorted(table)}")
-    unet = get_unet(pipe)
-    current = unet.attn_processors
-    new = dict(current)
-    for n in names:
-        new[f"{table[n].path}.processor"] = ZeroAttention()
-    unet.set_attn_processor(new)
-    try:
+    with attnlens.control(pipe, attnlens.Ablate(attnlens.Selector(layers=list(names)))):
         yield list(names)
-    finally:
-        unet.set_attn_processor(dict(current))  # set_attn_processor pops from the dict it is given
 
 
 def ablation_groups(pipe: Any) -> dict[str, list[str]]:

@@ -32,8 +32,7 @@ def test_zeroed_layers_output_zeros_and_the_processors_come_back(bench):
     x = torch.randn(2, 16, info.module.to_q.in_features)
     plain = _image(pipe)
     with bench.zeroed(pipe, names):
-        assert all(isinstance(unet.attn_processors[f"{i.path}.processor"], bench.ZeroAttention)
-                   for i in attnlens.layers(pipe) if i.kind == "self")
+        pipe(["a red star"], num_inference_steps=1)  # start the step clock, so the layers act on a call of their own
         out = info.module(x)
         assert out.shape == x.shape and torch.count_nonzero(out) == 0
         ablated = _image(pipe)
