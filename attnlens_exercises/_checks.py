@@ -163,13 +163,6 @@ def check_capture_processor(processor_class: type) -> None:
 
 
 # ------------------------------------------------------------------------------------------ chapter 4
-class _ZeroOutput:
-    """The reference ablation: the attention layer's output is zero, so its block keeps only the residual."""
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        return torch.zeros_like(hidden_states)
-
-
 def _with_processors(pipe: Any, modules: list, make: Callable, run: Callable) -> Any:
     originals = [m.processor for m in modules]
     try:
@@ -185,7 +178,8 @@ def _with_processors(pipe: Any, modules: list, make: Callable, run: Callable) ->
 def check_self_attention_ablation(processor_class: type) -> None:
     """Check an ablation processor: ``processor_class()`` installed on every self-attention layer makes each
     layer contribute nothing (its output is zero, ``(batch, queries, channels)`` like its input), so the
-    transformer block keeps only its residual. Compared with the reference ablation on the tiny pipeline.
+    transformer block keeps only its residual. Compared with the reference ablation (:class:`attnlens.Ablate`)
+    on the tiny pipeline.
     """
     import attnlens
 
@@ -195,7 +189,8 @@ def check_self_attention_ablation(processor_class: type) -> None:
     def run():
         return pipe(PROMPT, num_inference_steps=STEPS, generator=_gen(), output_type="latent").images
 
-    want = _with_processors(pipe, selfs, _ZeroOutput, run)
+    with attnlens.control(pipe, attnlens.Ablate(attnlens.Selector(kind="self"))):
+        want = run()
     got = _with_processors(pipe, selfs, processor_class, run)
     _close("check_self_attention_ablation", got, want, 1e-5, "the generation with every self-attention layer ablated")
     if float((run() - want).abs().max()) == 0:  # pragma: no cover - the checker's own sanity
