@@ -267,8 +267,7 @@ def attach(pipe: Any, chosen: list[LayerInfo], hook: Any = None, controller: Any
                 "(call set_default_attn_processor() on the denoiser or unfuse QKV projections first)"
             )
         if joint and controller is not None:
-            raise AttnlensError(f"layer {info.name} is joint attention ({info.stream}): editing joint attention "
-                                "(SD3, Flux) is not supported yet; capture and word maps are")
+            _check_joint_controller(controller, [i for i in chosen if i.path == info.path])
     sub = Subscription(listener)
     clock, leave = _subscribe(pipe, sub)
     procs = []
@@ -288,6 +287,8 @@ def attach(pipe: Any, chosen: list[LayerInfo], hook: Any = None, controller: Any
             proc.hooks.append(hook)
         if controller is not None:
             proc.controllers.append(controller)
+            if isinstance(proc, _JointBase):  # the views this controller acts on (a joint layer has two)
+                proc.chosen[id(controller)] = {i.kind for i in chosen if i.path == info.path}
         procs.append((module, proc))
 
     def detach() -> None:
@@ -296,11 +297,36 @@ def attach(pipe: Any, chosen: list[LayerInfo], hook: Any = None, controller: Any
                 proc.hooks.remove(hook)
             if controller is not None and any(c is controller for c in proc.controllers):
                 proc.controllers.remove(controller)
+                getattr(proc, "chosen", {}).pop(id(controller), None)
             if not proc.hooks and not proc.controllers and module.processor is proc:
                 module.set_processor(proc.base)
         leave()
 
     return clock, detach
+
+
+def _check_joint_controller(controller: Any, views: list[LayerInfo]) -> None:
+    """A controller on a joint-attention layer (:mod:`attnlens._joint`): q/k/v rewrites act on its ``*.self`` view
+    (the image tokens), map edits on its ``*.cross`` view (the image->text quadrant); anything else is refused."""
+    from ._control import Controller
+
+    cls = type(controller)
+    rewrites = cls.rewrite is not Controller.rewrite
+    edits_map = cls.edit_map is not Controller.edit_map
+    for view in views:
+        if view.stream not in ("joint", "single"):
+            continue  # SD3.5's image-only second attention: a plain self-attention
+        if view.kind == "self" and edits_map:
+            raise AttnlensError(
+                f"layer {view.name}: {cls.__name__} edits the attention map, which on joint attention is supported on "
+                f"the image->text view (*.cross) only; on the image->image view (*.self) a controller rewrites the "
+                "image tokens' q, k, v (InjectQK, InjectKV). FPE's path='explicit' and Prompt-to-Prompt's "
+                "self-attention copy are UNet and PixArt features")
+        if view.kind == "cross" and rewrites:
+            raise AttnlensError(
+                f"layer {view.name}: {cls.__name__} rewrites q, k, v, which on joint attention acts on the image tokens "
+                "through the image->image view (*.self); select that view (on the *.cross view only map edits, "
+                "as Prompt-to-Prompt's, are supported)")
 
 
 def _module(pipe: Any, info: LayerInfo) -> Any:
