@@ -195,8 +195,8 @@ def block_depth(table: Any) -> dict[str, int]:
     Example:
         >>> from attnlens import layers
         >>> from attnlens._testing import tiny_flux_pipeline
-        >>> block_depth(layers(tiny_flux_pipeline()))["single.1.self"]
-        3
+        >>> block_depth(layers(tiny_flux_pipeline()))["single.1.self"]  # one joint block, then single 0 and 1
+        2
     """
     n_joint = 1 + max((int(i.name.split(".")[1]) for i in table if i.name.startswith("joint.")), default=-1)
     out = {}
