@@ -52,6 +52,11 @@ class _JointBase:
         self.hooks: list = []
         self.controllers: list = []
         self.chosen: dict[int, set[str]] = {}  # id(controller) -> the view kinds ("self"/"cross") it was installed on
+        # concept maps (attnlens._concepts): taps see each call's attention output before the output projection,
+        # ``tap(proc, out (batch, all tokens, heads * dim), image slice, text slice, side)``; ``side`` is True during
+        # a side pass (the concept tokens' pass), where hooks and controllers stand aside
+        self.taps: list = []
+        self.side = False
 
     def _view(self, kind: str) -> LayerInfo | None:
         return next((v for v in self.views if v.kind == kind), None)
@@ -176,14 +181,17 @@ class HookedSD3Processor(_JointBase):
         def fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
 
-        steered = self._steer(query, key, value, slice(0, n_img), text, fused)
+        steered = None if self.side else self._steer(query, key, value, slice(0, n_img), text, fused)
         if steered is None:
             out = fused(query, key, value)
-            self._notify(query[:, :, :n_img], key, value, slice(0, n_img), text)
+            if not self.side:
+                self._notify(query[:, :, :n_img], key, value, slice(0, n_img), text)
         else:
             out, hq, hk, hv, scale, edits = steered
             self._notify(hq, hk, hv, slice(0, n_img), text, scale, edits)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        for tap in self.taps:
+            tap(self, out, slice(0, n_img), text, self.side)
         if encoder_hidden_states is not None:
             out, context = out[:, :n_img], out[:, n_img:]
             if not attn.context_pre_only:
@@ -226,8 +234,8 @@ class HookedFluxProcessor(_JointBase):
                                          parallel_config=getattr(self.base, "_parallel_config", None)).transpose(1, 2)
 
         steered = None
-        if self.hooks or self.controllers:
-            n_text = encoder_hidden_states.shape[1] if joint else getattr(self.clock, "text_len", 0)
+        n_text = encoder_hidden_states.shape[1] if joint else getattr(self.clock, "text_len", 0)
+        if (self.hooks or self.controllers) and not self.side:
             if not joint and not 0 < n_text < query.shape[1]:
                 raise AttnlensError(f"layer {self.info.name}: cannot split the single-stream sequence of {query.shape[1]} "
                                     f"tokens into text and image (text length {n_text} from the step clock)")
@@ -250,6 +258,8 @@ class HookedFluxProcessor(_JointBase):
         else:
             out = out_t.transpose(1, 2)
         out = out.flatten(2, 3).to(query.dtype)
+        for tap in self.taps:
+            tap(self, out, slice(n_text, out.shape[1]), slice(0, n_text), self.side)
         if joint:
             n_text = encoder_hidden_states.shape[1]
             context, out = out.split_with_sizes([n_text, out.shape[1] - n_text], dim=1)

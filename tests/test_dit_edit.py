@@ -321,3 +321,101 @@ def test_flux_start_noise_is_the_packed_noise_its_pipeline_draws():
     assert torch.equal(a, b)
     with pytest.raises(AttnlensError, match=r"latents must be a float torch.Tensor of shape \(1, tokens, 16\)"):
         edit(pipe, "a red star", "a blue star", latents=torch.zeros(1, 4, 8, 8))
+
+
+# ------------------------------------------------------------------------------------------ concept maps
+JOINT = ["sd3", "flux"]
+
+
+def concepts(family, names=("star", "red", "background"), **kw):
+    return attnlens.concept_map(_pipe(family), "a red star", names, num_inference_steps=STEPS,
+                                pipe_kwargs={"max_sequence_length": TEXT}, **kw)
+
+
+@pytest.mark.parametrize("family", JOINT)
+def test_concept_maps_shape_rows_image_unchanged_and_restore(family):
+    pipe = _pipe(family)
+    before = processors(pipe)
+    cm = concepts(family)
+    plain = pipe("a red star", num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="pt",
+                 max_sequence_length=TEXT).images[0]
+    assert torch.equal(cm.pixels, plain)  # the concepts ride along without changing the generation
+    assert cm.maps.shape == (3, 4, 4) and cm["star"].shape == (4, 4) and cm.concepts == ["star", "red", "background"]
+    torch.testing.assert_close(cm.maps.sum(0), torch.ones(4, 4), atol=1e-5, rtol=0)
+    assert cm.steps == [0, 1, 2] and cm.layers == (["joint.0", "joint.1"] if family == "sd3" else ["joint.0"])
+    after = processors(pipe)
+    assert all(after[n] is before[n] for n in before)
+    assert all(not b._forward_hooks for b in pipe.transformer.transformer_blocks)
+
+
+@pytest.mark.parametrize("family", JOINT)
+def test_a_concept_map_equals_the_output_space_softmax_computed_by_hand(family):
+    """One layer, one step: softmax over concepts of <image attention outputs of the real call, concept attention
+    outputs of the side pass>, both recomputed from the attention module's recorded inputs."""
+    pipe = _pipe(family)
+    path = "transformer_blocks.0.attn"
+    attn, calls = _calls(pipe, path, lambda: concepts(family, layers="joint.0.cross", steps=[0]))
+    cm = concepts(family, layers="joint.0.cross", steps=[0])
+    real, side = calls[0], calls[1]  # step 0: the real call, then the concepts' side pass
+    assert side[1]["encoder_hidden_states"].shape[1] == 3  # three concept tokens in place of the text
+    with torch.no_grad():
+        outs = []
+        for (args, kw, _), part in ((real, "image"), (side, "text")):
+            q, k, v, img, txt = _qkv(family, attn, args, kw) if family == "sd3" else _flux_qkv(attn, args, kw)
+            o = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ v  # (batch, heads, tokens, dim)
+            o = o[:, :, img if part == "image" else txt]
+            outs.append(o.transpose(1, 2).reshape(o.shape[0], o.shape[2], -1))
+        shares = torch.softmax(outs[0] @ outs[1].transpose(1, 2), -1)
+        row = shares.shape[0] // 2 if shares.shape[0] == 2 and family == "sd3" else 0  # SD3: [uncond, cond]
+        expected = shares[row].reshape(4, 4, 3).permute(2, 0, 1)
+    torch.testing.assert_close(cm.maps, expected, atol=1e-5, rtol=0)
+
+
+def _flux_qkv(attn, args, kw):
+    """Flux's joint q, k, v with the text length of this call (the side pass has 3 concept tokens, not TEXT)."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    hidden, context = args[0] if args else kw["hidden_states"], kw["encoder_hidden_states"]
+    b, heads = hidden.shape[0], attn.heads
+
+    def split(x):
+        return x.view(b, x.shape[1], heads, -1).transpose(1, 2)
+
+    q, k, v = attn.norm_q(split(attn.to_q(hidden))), attn.norm_k(split(attn.to_k(hidden))), split(attn.to_v(hidden))
+    eq, ek = attn.norm_added_q(split(attn.add_q_proj(context))), attn.norm_added_k(split(attn.add_k_proj(context)))
+    q, k, v = torch.cat([eq, q], 2), torch.cat([ek, k], 2), torch.cat([split(attn.add_v_proj(context)), v], 2)
+    rope = kw["image_rotary_emb"]
+    q, k = apply_rotary_emb(q, rope, sequence_dim=2), apply_rotary_emb(k, rope, sequence_dim=2)
+    n = context.shape[1]
+    return q, k, v, slice(n, q.shape[2]), slice(0, n)
+
+
+def test_concept_maps_refuse_bad_input_clearly():
+    for bad, match in (("star", "non-empty list of words"), ([], "non-empty list of words"),
+                       (["star", ""], "non-empty string"), (["star", "star"], "given twice"), ([3], "non-empty string")):
+        with pytest.raises(AttnlensError, match=match):
+            concepts("flux", bad)
+    with pytest.raises(AttnlensError, match=r"\['single.0.cross'\] are not \(joint.0 are\)"):
+        concepts("flux", layers="single.0.cross")
+    with pytest.raises(AttnlensError, match="dual.0.self"):
+        concepts("sd3", layers="dual.0.self")
+    with pytest.raises(AttnlensError, match="need joint attention.*PixArtTransformer2DModel.*word_map"):
+        attnlens.concept_map(_pipe("pixart"), "a red star", ["star"])
+    with pytest.raises(AttnlensError, match=r"step\(s\) \[7\] out of range"):
+        concepts("sd3", steps=[7])
+
+
+def test_concept_maps_restore_after_an_exception():
+    pipe = _pipe("sd3")
+    before = processors(pipe)
+
+    def boom(*args, **kw):
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        attnlens.concept_map(pipe, "a red star", ["star"], num_inference_steps=STEPS,
+                             pipe_kwargs={"max_sequence_length": TEXT, "callback_on_step_end": boom})
+    after = processors(pipe)
+    assert all(after[n] is before[n] for n in before)
+    assert all(not b._forward_hooks for b in pipe.transformer.transformer_blocks)
+    assert all(not getattr(p, "taps", None) for p in after.values())
