@@ -24,6 +24,10 @@ one token), so its token grid at a latent of ``H x W`` is ``ceil(H / p) x ceil(W
 ``log2(p)``, exactly as a UNet layer ``level`` downsamplings deep, and ``factor`` (image pixels per token)
 is ``vae_scale_factor * p``. Every layer of a transformer has the same grid; it scales linearly with the
 image side (1024x1024 with an 8x VAE and 2x2 patches: 64x64 tokens).
+
+Editing (:func:`attnlens.edit`: ``fpe``, ``masactrl``, ``p2p`` word swap) chooses a transformer's layers by
+block depth (:func:`block_depth`; the rules and why: :mod:`attnlens._methods`); what a controller does on
+joint attention: :mod:`attnlens._joint`. Concept maps on SD3 and Flux: :mod:`attnlens._concepts`.
 """
 
 from __future__ import annotations

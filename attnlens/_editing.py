@@ -239,7 +239,8 @@ def edit(pipe: Any, source_prompt: str, target_prompt: str, method: str = "fpe",
     ``use_resolution_binning``, ...).
 
     Diffusion transformers (PixArt, SD3, Flux) take ``fpe``, ``masactrl`` and ``p2p``/``cross`` word swap,
-    their layers chosen by block depth (:mod:`attnlens._methods`); on Flux, ``latents`` are its packed
+    their layers chosen by block depth (the rule and its reasons: ``attnlens._methods``; what an injection does to a
+    joint attention's text part: ``attnlens._joint``); on Flux, ``latents`` are its packed
     ``(1, tokens, C)`` (:func:`start_noise`). Real-image editing (:func:`edit_image`) needs a UNet so far.
 
     Example:

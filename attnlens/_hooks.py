@@ -281,7 +281,7 @@ def attach(pipe: Any, chosen: list[LayerInfo], hook: Any = None, controller: Any
                 from ._layers import layers as list_layers
 
                 views = [i for i in list_layers(pipe) if i.path == info.path]
-                proc = cls(views, proc, clock)
+                proc = cls(views, proc, clock, explicit_attention)
             module.set_processor(proc)
         if hook is not None:
             proc.hooks.append(hook)
@@ -308,11 +308,9 @@ def attach(pipe: Any, chosen: list[LayerInfo], hook: Any = None, controller: Any
 def _check_joint_controller(controller: Any, views: list[LayerInfo]) -> None:
     """A controller on a joint-attention layer (:mod:`attnlens._joint`): q/k/v rewrites act on its ``*.self`` view
     (the image tokens), map edits on its ``*.cross`` view (the image->text quadrant); anything else is refused."""
-    from ._control import Controller
-
-    cls = type(controller)
-    rewrites = cls.rewrite is not Controller.rewrite
-    edits_map = cls.edit_map is not Controller.edit_map
+    cls = type(controller)  # overridden or the Controller base's (by name: _control imports this module)
+    rewrites = getattr(cls.rewrite, "__qualname__", "") != "Controller.rewrite"
+    edits_map = getattr(cls.edit_map, "__qualname__", "") != "Controller.edit_map"
     for view in views:
         if view.stream not in ("joint", "single"):
             continue  # SD3.5's image-only second attention: a plain self-attention

@@ -47,8 +47,10 @@ from ._layers import LayerInfo
 
 
 class _JointBase:
-    def __init__(self, views: list[LayerInfo], base: Any, clock: Any = None) -> None:
+    def __init__(self, views: list[LayerInfo], base: Any, clock: Any = None, explicit: Any = None) -> None:
         self.views, self.info, self.base, self.clock = views, views[0], base, clock
+        # the chunked explicit attention of the map edits (``_hooks.explicit_attention``, handed in by ``attach``)
+        self.explicit = explicit
         self.hooks: list = []
         self.controllers: list = []
         self.chosen: dict[int, set[str]] = {}  # id(controller) -> the view kinds ("self"/"cross") it was installed on
@@ -117,9 +119,10 @@ class _JointBase:
         joint_edits: tuple = ()
         if edits:
             joint_edits = (_text_quadrant_edit(edits, text),)
-            from ._hooks import explicit_attention
-
-            out_img = explicit_attention(hq, hk, hv, scale, list(joint_edits))
+            if self.explicit is None:
+                raise AttnlensError(f"layer {self.info.name}: a map edit needs the explicit attention that "
+                                    "attnlens._hooks.attach hands its processors")
+            out_img = self.explicit(hq, hk, hv, scale, list(joint_edits))
         else:
             out_img = F.scaled_dot_product_attention(hq, hk, hv, dropout_p=0.0, is_causal=False, scale=scale)
         out = torch.empty_like(value)
