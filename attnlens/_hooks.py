@@ -54,6 +54,7 @@ class StepClock:
         self.latent_hw: tuple[int, int] = (0, 0)
         self.text_len = 0  # text tokens of the denoiser call (its encoder_hidden_states' length)
         self.repeat = 0  # denoiser calls at this step before this one (Flux's true CFG, SD3's skip-layer guidance)
+        self.negative = False  # the call is Flux's true-CFG negative-prompt call (its second call at a step)
         self.run = 0  # pipeline calls seen; a call starts when the step goes back
         self.subscribers: list[Subscription] = []
         self._handle: Any = None
@@ -113,6 +114,9 @@ class StepClock:
         self.repeat = self.repeat + 1 if step == self.step else 0
         self.step = step
         self.cfg = self._cfg(module, sample)
+        from diffusers import FluxTransformer2DModel
+
+        self.negative = bool(self.repeat) and isinstance(module, FluxTransformer2DModel)
         self.latent_hw = latent_hw(sample, kwargs)
         context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         self.text_len = int(context.shape[1]) if torch.is_tensor(context) and context.ndim == 3 else 0

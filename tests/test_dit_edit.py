@@ -419,3 +419,24 @@ def test_concept_maps_restore_after_an_exception():
     assert all(after[n] is before[n] for n in before)
     assert all(not b._forward_hooks for b in pipe.transformer.transformer_blocks)
     assert all(not getattr(p, "taps", None) for p in after.values())
+
+
+@pytest.mark.parametrize("branch,expected", [("cond", {0}), ("uncond", {1}), ("both", {0, 1})])
+def test_flux_true_cfg_negative_call_is_the_uncond_branch(monkeypatch, branch, expected):
+    """Flux runs true classifier-free guidance as a second transformer call (the negative prompts): an edit's
+    branch selects the first call ("cond"), the second ("uncond") or both."""
+    from attnlens import _joint
+
+    seen = []
+    original = _joint._JointBase._steer
+
+    def spy(self, *a, **kw):
+        result = original(self, *a, **kw)
+        if result is not None:
+            seen.append(self.clock.repeat)
+        return result
+
+    monkeypatch.setattr(_joint._JointBase, "_steer", spy)
+    edit(_pipe("flux"), "a red star", "a blue star", num_inference_steps=2, negative_prompt="a green square",
+         pipe_kwargs={"max_sequence_length": TEXT, "true_cfg_scale": 2.0}, branch=branch, layers="joint.0.self")
+    assert set(seen) == expected
