@@ -43,7 +43,8 @@ class EditResult:
     Attributes:
         source, edited: PIL images.
         method: the method's name; ``settings``: every option and sampling setting actually used.
-        latents: the start noise ``(1, C, h, w)`` (``pipe(prompt, latents=result.latents)`` reproduces a branch).
+        latents: the start noise ``(1, C, h, w)``, Flux's packed ``(1, tokens, C)`` (``pipe(prompt,
+            latents=result.latents)`` reproduces a branch).
         cache: the :class:`~attnlens.AttentionCache` captured during the edit (``capture=...``), else ``None``.
         seconds: wall time of the edit.
         inversion: the :class:`Inversion` a real-image edit used.

@@ -116,6 +116,10 @@ class P2POptions:
         blend_start: fraction of the steps before blending starts: steps ``i >= int(blend_start * n)`` blend.
             0.2 is the null-text inversion notebook's value (``start_blend=0.2``); the Stable Diffusion
             notebook blends from step 0 (``blend_start=0.0``).
+
+    On a diffusion transformer (PixArt, SD3, Flux) only the word swap runs: ``mode`` ``"replace"`` (or ``"auto"``
+    resolving to it), every block's image->text attention, no ``reweight``, ``local_blend`` or self-attention
+    copy; on joint attention the swapped distribution over the text keys keeps the target's own text mass.
     """
 
     mode: str = "auto"
@@ -418,7 +422,8 @@ class EditPlan:
 
     Attributes:
         method: the method's name; ``options``: its option object (:class:`FPEOptions`, ...).
-        limits: the resolution thresholds in force (defaults resolved against the model).
+        limits: the resolution thresholds in force (defaults resolved against the model); on a diffusion
+            transformer, ``min_block`` (MasaCtrl's first edited block depth) or nothing.
         mode: for ``p2p`` and ``cross``, the alignment mode used (``"auto"`` resolved), else ``None``.
         controllers: the controllers to install, in order; ``layers``: ``{controller class name: layer names}``.
         settings: the method and every option as plain values (an edit adds its sampling settings, the limits
@@ -513,8 +518,10 @@ def default_layers(pipe_or_unet: Any, method: str = "fpe", latent_size: tuple[in
 
     The defaults are relative to the model's finest attention level: ``fpe`` edits self-attention at every
     level but that one, ``p2p`` copies self-attention at a quarter of its side and below, ``masactrl``
-    edits the decoder's self-attention at half its side and above. Works on a pipeline or a bare UNet
-    (also on the ``meta`` device). ``latent_size``: ``(h, w)`` of the latents (default: the UNet's).
+    edits the decoder's self-attention at half its side and above. On a diffusion transformer the rules go by
+    block depth (``fpe``: every block, ``masactrl``: the deeper half; see the module docstring). Works on a
+    pipeline, a bare UNet or a bare transformer (also on the ``meta`` device). ``latent_size``: ``(h, w)`` of
+    the latents (default: the denoiser's).
 
     Example:
         >>> from attnlens._testing import tiny_pipeline
