@@ -124,7 +124,10 @@ class _JointBase:
                                     "attnlens._hooks.attach hands its processors")
             out_img = self.explicit(hq, hk, hv, scale, list(joint_edits))
         else:
-            out_img = F.scaled_dot_product_attention(hq, hk, hv, dropout_p=0.0, is_causal=False, scale=scale)
+            # values padded to the doubled head dim too (q, k and v of one width keep the flash and memory-efficient
+            # kernels eligible on a GPU); the padding's output columns are zeros and dropped
+            padded = torch.cat([hv, torch.zeros_like(hv)], dim=-1)
+            out_img = F.scaled_dot_product_attention(hq, hk, padded, dropout_p=0.0, is_causal=False, scale=scale)[..., :d]
         out = torch.empty_like(value)
         out[:, :, image] = out_img.to(value.dtype)
         out[:, :, text] = fused(query[:, :, text], key, value).to(value.dtype)  # text queries: the layer's own
