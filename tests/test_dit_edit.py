@@ -440,3 +440,15 @@ def test_flux_true_cfg_negative_call_is_the_uncond_branch(monkeypatch, branch, e
     edit(_pipe("flux"), "a red star", "a blue star", num_inference_steps=2, negative_prompt="a green square",
          pipe_kwargs={"max_sequence_length": TEXT, "true_cfg_scale": 2.0}, branch=branch, layers="joint.0.self")
     assert set(seen) == expected
+
+
+def test_a_capture_around_concept_maps_does_not_see_the_side_pass():
+    pipe = _pipe("sd3")
+    with attnlens.capture(pipe, layers="joint.0.*", kind=None, dtype=torch.float32) as alone:
+        pipe("a red star", num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="pt",
+             max_sequence_length=TEXT)
+    with attnlens.capture(pipe, layers="joint.0.*", kind=None, dtype=torch.float32) as around:
+        concepts("sd3")
+    assert sorted(around.keys()) == sorted(alone.keys())
+    for key in alone.keys():
+        assert torch.equal(around[key], alone[key])
