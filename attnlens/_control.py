@@ -95,6 +95,12 @@ class Controller:
         """
         return None
 
+    def output_scale(self, site: Site) -> float | None:
+        """Return a factor for the layer's output at this site, or ``None`` (leave it). The factor multiplies
+        the attention output after the output projection and before the block's residual, for the whole batch
+        ``(batch, tokens, channels)``: ``0`` ablates the layer (the block keeps only its residual stream)."""
+        return None
+
     # -- plumbing
     def _step_indices(self, n_steps: int) -> set[int]:
         """The steps this controller acts on in a schedule of ``n_steps`` (the selector's, unless a method counts
@@ -120,6 +126,10 @@ class Controller:
     def _map_edit(self, info: LayerInfo, batch: int) -> MapEdit | None:
         site = self._site(info, batch)
         return None if site is None else self.edit_map(site)
+
+    def _output_scale(self, info: LayerInfo, batch: int) -> float | None:
+        site = self._site(info, batch)
+        return None if site is None else self.output_scale(site)
 
 
 @contextlib.contextmanager

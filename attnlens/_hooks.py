@@ -230,6 +230,10 @@ class HookedProcessor:
             hook.on_attention(self.info, query, key, value, attn.scale, edits, mask=attention_mask)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
+        for ctrl in self.controllers:
+            factor = ctrl._output_scale(self.info, batch)
+            if factor is not None:
+                out = out * factor
         if input_ndim == 4:
             out = out.transpose(-1, -2).reshape(b, c, h, w)
         if attn.residual_connection:

@@ -337,14 +337,15 @@ def check_inversion_step(step: Callable) -> None:
 def check_mask_iou(iou: Callable) -> None:
     """Check ``iou(source_image, edited_image) -> float``: the intersection over union of the two objects as the
     oracle reads them (:func:`attnlens.shapes.oracle.read`'s ``mask``), the benchmark's structure score.
-    Compared with :func:`attnlens.shapes.editbench.score`'s ``iou`` on rendered ShapesEdit pairs of every kind.
+    Compared with :func:`attnlens.shapes.editbench.score`'s ``iou`` on rendered ShapesEdit pairs of the kinds the
+    benchmark reports it for (colour, shape, background: edits that should keep the mask).
     """
     from PIL import Image
 
     from attnlens import shapes
     from attnlens.shapes import editbench
 
-    for pair in editbench.edit_pairs(seeds=2):
+    for pair in editbench.edit_pairs(seeds=2, kinds=[k for k in editbench.KINDS if k not in editbench.STRUCTURAL]):
         src = Image.fromarray(shapes.render(pair.scene)[0])
         dst = Image.fromarray(shapes.render(pair.target_scene)[0])
         got = float(iou(src, dst))

@@ -6,7 +6,7 @@ Writes to benchmarks/results/ (or --out):
   shapesedit.json           settings, versions and timing
   shapesedit_examples.png   source and each method's edit for one pair per kind (generated track)
 
-    python -m benchmarks.shapes_edit                  # 12 pairs per kind, both tracks, embedded model
+    python -m benchmarks.shapes_edit                  # 16 pairs per kind, both tracks, embedded model
     python -m benchmarks.shapes_edit --seeds 2 --track generated --out /tmp/se   # a quick slice
 """
 
@@ -31,13 +31,20 @@ METHODS = ("fpe", "p2p", "cross", "masactrl", "none")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
-    ap.add_argument("--seeds", type=int, default=12)
+    ap.add_argument("--seeds", type=int, default=16, help="pairs per kind on the generated track")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--under-load", action="store_true",
+                    help="record that the timing was measured on a loaded machine (then it is not a speed figure)")
     ap.add_argument("--real-seeds", type=int, default=6, help="pairs per kind on the real-image track")
     ap.add_argument("--track", choices=["generated", "real", "both"], default="both")
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     pipe = attnlens.load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -64,7 +71,9 @@ def main() -> None:
     meta = {"version": editbench.VERSION, "model": str(args.model or os.environ.get("ATTNLENS_MODEL") or "embedded Shapes model"),
             "steps": args.steps, "guidance": args.guidance, "seeds": args.seeds, "real_seeds": args.real_seeds,
             "methods": list(METHODS), "edits": len(df), "seconds": time.perf_counter() - t0,
-            "platform": platform.platform(),
+            "platform": platform.platform(), "threads": args.threads or None,
+            "timing_note": ("measured under load (a shared 2-core machine with other jobs running): not a speed figure"
+                            if args.under_load else "measured on an otherwise idle machine"),
             "command": f"python -m benchmarks.shapes_edit --seeds {args.seeds} --real-seeds {args.real_seeds} "
                        f"--track {args.track} --steps {args.steps} --guidance {args.guidance}"}
     (args.out / "shapesedit.json").write_text(json.dumps(meta, indent=1))

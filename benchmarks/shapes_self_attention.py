@@ -12,11 +12,17 @@
    position or size; one of colour, shape or background is swapped; each pair is generated with
    :func:`attnlens.edit` from its seed. A pair *keeps place and size* when the oracle finds the object in
    both images, their mask centroids are within 3 px (oracle frame, 64x64) and the edited mask's area is
-   within 20% of the source's. Pairs whose source image has no object the oracle can find are left out
+   within 20% of the source's (times the area ratio the two shapes the oracle reads bring: a triangle covers
+   less than a square of the same size). Pairs whose source image has no object the oracle can find are left out
    (their count is recorded). Target: ``none`` (the target prompt from the same noise, nothing injected)
    keeps place and size in at most 60% of the pairs (a new word may move the layout, as in SD).
 3. **The paper's claim**. On the same pairs, ``fpe`` at its default rule keeps place and size in at least
    80% of the pairs, and the oracle reads the edited attribute as the target value in at least 80%.
+
+Diagnostics (``--diagnostics``; not targets, recorded apart under ``diagnostics``): the same pairs edited by
+``fpe_every_level`` (FPE's map swap at every self-attention level, the finest included, first 80% of steps)
+and ``fpe_every_level_all_steps`` (every level, every step). They say whether the model's layout lives in
+self-attention at all, and at which levels, when the default rule fails.
 
 25 DDIM steps, guidance 7.5 (the book's settings). Writes ``shapes_self_attention.json`` (or
 ``shapes_self_attention_quick.json`` with ``--quick``) to ``--out``: settings, versions, command, timing,
@@ -44,12 +50,12 @@ import torch
 
 import attnlens
 from attnlens import shapes
-from attnlens._layers import get_unet
+from attnlens.shapes import editbench
 
 ROOT = Path(__file__).resolve().parents[1]
 
 STEPS, GUIDANCE = 25, 7.5
-MOVE_PX, AREA_TOL = 3.0, 0.20
+MOVE_PX, AREA_TOL = editbench.MOVE_PX, editbench.AREA_TOL  # the structure rule lives with ShapesEdit
 LOAD_BEARING_MIN, FREE_MAX, FPE_KEEP_MIN, FPE_SUCCESS_MIN = 0.5, 0.6, 0.8, 0.8
 EDIT_KINDS = ("colour", "shape", "background")
 UNDER = ("shape", "colour", "background")  # the attributes an under-specified prompt names
@@ -57,33 +63,16 @@ SCENE_SEED = 1717
 
 
 # ------------------------------------------------------------------------------------------ ablation
-class ZeroAttention:
-    """An attention processor whose layer contributes nothing: it returns zeros ``(batch, tokens, channels)``
-    (the input itself where the layer has its own residual connection), so the transformer block keeps only
-    its residual stream."""
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
-        return hidden_states if getattr(attn, "residual_connection", False) else torch.zeros_like(hidden_states)
-
-
 @contextlib.contextmanager
 def zeroed(pipe: Any, names: Sequence[str]) -> Iterator[list[str]]:
-    """Zero the attention layers ``names`` (attnlens layer names) for the duration; restore the exact original
-    processor objects on exit, after an exception too."""
+    """Zero the attention layers ``names`` (attnlens layer names) for the duration (:class:`attnlens.Ablate`:
+    each block keeps only its residual stream); the processors are restored on exit, after an exception too."""
     table = {info.name: info for info in attnlens.layers(pipe)}
     unknown = [n for n in names if n not in table]
     if unknown:
         raise attnlens.AttnlensError(f"unknown attention layer(s) {unknown}; valid: {sorted(table)}")
-    unet = get_unet(pipe)
-    current = unet.attn_processors
-    new = dict(current)
-    for n in names:
-        new[f"{table[n].path}.processor"] = ZeroAttention()
-    unet.set_attn_processor(new)
-    try:
+    with attnlens.control(pipe, attnlens.Ablate(attnlens.Selector(layers=list(names)))):
         yield list(names)
-    finally:
-        unet.set_attn_processor(dict(current))  # set_attn_processor pops from the dict it is given
 
 
 def ablation_groups(pipe: Any) -> dict[str, list[str]]:
@@ -149,19 +138,33 @@ def under_specified_pairs(seeds: int) -> list[dict]:
 
 
 def structure(source: Any, edited: Any) -> dict:
-    """Oracle readings of a pair and whether place and size are kept (see the module docstring)."""
+    """Oracle readings of a pair and whether place and size are kept (see the module docstring; the area ratio
+    is judged against the one the shapes read in the two images bring, :func:`attnlens.shapes.editbench.structure_of`)."""
     rs, re_ = shapes.read(source), shapes.read(edited)
     out = {"source_found": bool(rs.found), "edited_found": bool(re_.found),
            "source_reading": dict(rs.attributes) if rs.found else None,
            "edited_reading": dict(re_.attributes) if re_.found else None,
            "centroid_shift_px": None, "area_ratio": None, "kept": False}
     if rs.found and re_.found:
-        cs, ce = (np.argwhere(m).mean(0) for m in (rs.mask, re_.mask))
-        area_s, area_e = int(rs.mask.sum()), int(re_.mask.sum())
-        out["centroid_shift_px"] = float(np.linalg.norm(cs - ce))
-        out["area_ratio"] = area_e / max(area_s, 1)
-        out["kept"] = bool(out["centroid_shift_px"] <= MOVE_PX and abs(out["area_ratio"] - 1) <= AREA_TOL)
+        geo = editbench.structure_of(rs, re_)
+        out["centroid_shift_px"], out["area_ratio"] = geo["centroid_shift_px"], geo["area_ratio"]
+        out["kept"] = geo["place_kept"] and geo["size_kept"]
     return out
+
+
+DIAGNOSTICS = ("fpe_every_level", "fpe_every_level_all_steps")
+
+
+def variant(pipe: Any, label: str) -> tuple[str, dict]:
+    """``(method, options)`` of an edit variant: ``none``, ``fpe`` (its defaults) or a diagnostic."""
+    if label in ("none", "fpe"):
+        return label, {}
+    finest = max(max(i.resolution) for i in attnlens.layers(pipe) if i.kind == "self")
+    if label == "fpe_every_level":
+        return "fpe", {"max_resolution": finest}
+    if label == "fpe_every_level_all_steps":
+        return "fpe", {"max_resolution": finest, "steps": (0.0, 1.0)}
+    raise ValueError(f"unknown edit variant {label!r}")
 
 
 def edits(pipe: Any, pairs: list[dict], methods: Sequence[str] = ("none", "fpe"), steps: int = STEPS,
@@ -169,8 +172,9 @@ def edits(pipe: Any, pairs: list[dict], methods: Sequence[str] = ("none", "fpe")
     rows = []
     for pair in pairs:
         for m in methods:
-            r = attnlens.edit(pipe, pair["source_prompt"], pair["target_prompt"], method=m, seed=pair["seed"],
-                              num_inference_steps=steps, guidance_scale=guidance)
+            method, options = variant(pipe, m)
+            r = attnlens.edit(pipe, pair["source_prompt"], pair["target_prompt"], method=method, seed=pair["seed"],
+                              num_inference_steps=steps, guidance_scale=guidance, **options)
             row = {**pair, "method": m, **structure(r.source, r.edited)}
             row["success"] = bool(row["edited_found"] and row["edited_reading"][pair["kind"]] == pair["target_value"])
             rows.append(row)
@@ -199,6 +203,7 @@ def verdicts(ablation_rows: list[dict] | None, edit_rows: list[dict] | None) -> 
                     "success": sum(r["success"] for r in valid) / n if n else float("nan"), "n": n}
 
         none, fpe = rates("none"), rates("fpe")
+        diagnostics = {m: rates(m) for m in DIAGNOSTICS if any(r["method"] == m for r in edit_rows)}
         out["free_structure"] = {
             "rule": f"under-specified edits: `none` keeps place and size (centroid within {MOVE_PX:g} px, area within "
                     f"{AREA_TOL:.0%}) in <= {FREE_MAX:.0%} of pairs", **none,
@@ -207,6 +212,8 @@ def verdicts(ablation_rows: list[dict] | None, edit_rows: list[dict] | None) -> 
             "rule": f"`fpe` at its default rule keeps place and size in >= {FPE_KEEP_MIN:.0%} of those pairs and the "
                     f"edited attribute reads as the target in >= {FPE_SUCCESS_MIN:.0%}", **fpe,
             "pass": bool(fpe["n"] > 0 and fpe["kept"] >= FPE_KEEP_MIN and fpe["success"] >= FPE_SUCCESS_MIN)}
+        if diagnostics:
+            out["diagnostics"] = diagnostics
     return out
 
 
@@ -218,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--edit-seeds", type=int, default=6, help="under-specified pairs per edit kind (default 6)")
     ap.add_argument("--quick", action="store_true", help="a slice: 4 prompts x 2 seeds, 3 pairs per kind")
     ap.add_argument("--ablation-only", action="store_true", help="skip the edits (targets 2 and 3)")
+    ap.add_argument("--diagnostics", action="store_true",
+                    help="also edit the pairs with FPE at every level (and every step): not targets, recorded apart")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--under-load", action="store_true",
@@ -233,7 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     abl = ablation(pipe, full_prompts(args.prompts), list(range(args.seeds)))
     t_abl = time.perf_counter() - t0
-    rows = None if args.ablation_only else edits(pipe, under_specified_pairs(args.edit_seeds))
+    methods = ("none", "fpe") + (DIAGNOSTICS if args.diagnostics else ())
+    rows = None if args.ablation_only else edits(pipe, under_specified_pairs(args.edit_seeds), methods)
     seconds = time.perf_counter() - t0
     import diffusers
 
@@ -254,7 +264,8 @@ def main(argv: list[str] | None = None) -> None:
         "threads": torch.get_num_threads(), "seconds": round(seconds, 1), "seconds_ablation": round(t_abl, 1),
         "timing_note": ("measured under load (a shared 2-core machine with other jobs running): not a speed figure"
                         if args.under_load else "measured on an otherwise idle machine"),
-        "targets": verdicts(abl, rows), "ablation": abl, "prompts": full_prompts(args.prompts),
+        "targets": {k: v for k, v in verdicts(abl, rows).items() if k != "diagnostics"},
+        "diagnostics": verdicts(abl, rows).get("diagnostics"), "ablation": abl, "prompts": full_prompts(args.prompts),
         "edits": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -266,6 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     for k, v in record["targets"].items():
         figures = {x: v[x] for x in ("share", "kept", "success", "n") if x in v}
         print(f"{k}: {'PASS' if v['pass'] else 'FAIL'} {figures}")
+    for k, v in (record["diagnostics"] or {}).items():
+        print(f"diagnostic {k}: kept {v['kept']:.2f} success {v['success']:.2f} (n={v['n']})")
     print(f"wrote {args.out / name} ({seconds:.0f} s, under load)")
 
 

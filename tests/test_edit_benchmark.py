@@ -15,8 +15,9 @@ from attnlens.shapes import ATTRIBUTES, render
 from attnlens.shapes import editbench
 
 
-def test_pairs_are_fixed_and_change_one_attribute():
-    a, b = editbench.edit_pairs(3), editbench.edit_pairs(3)
+@pytest.mark.parametrize("version", editbench.VERSIONS)
+def test_pairs_are_fixed_and_change_one_attribute(version):
+    a, b = editbench.edit_pairs(3, version=version), editbench.edit_pairs(3, version=version)
     assert a == b and len(a) == 3 * len(editbench.KINDS)
     for p in a:
         assert p.target_value != p.source_value and p.target_value in ATTRIBUTES[p.kind]
@@ -24,8 +25,51 @@ def test_pairs_are_fixed_and_change_one_attribute():
         assert diff == [p.kind] and p.source_prompt != p.target_prompt
     with pytest.raises(AttnlensError, match="unknown edit kind.*colour"):
         editbench.edit_pairs(1, kinds=["hue"])
-    with pytest.raises(AttnlensError, match="version"):
+    with pytest.raises(AttnlensError, match="version.*shapesedit-v2"):
         editbench.edit_pairs(1, version="v0")
+
+
+def test_v2_prompts_leave_the_structure_free():
+    from attnlens.shapes import SIZES
+    from attnlens.shapes._world import POSITION_PHRASES
+
+    words = set(SIZES) | {ph.split()[-1] for phrases in POSITION_PHRASES.values() for ph in phrases}
+    pairs = editbench.edit_pairs(6)
+    assert {p.version for p in pairs} == {"shapesedit-v2"}
+    for p in pairs:
+        named = set(p.source_prompt.split()) & words
+        if p.kind in editbench.STRUCTURAL:  # only the edited structural attribute is named, in both prompts
+            assert p.mentions == editbench.UNDER_SPECIFIED + (p.kind,) and named
+        else:
+            assert p.mentions == editbench.UNDER_SPECIFIED and not named, p.source_prompt
+        for a in ("shape", "colour", "background"):
+            assert getattr(p.scene, a) in p.source_prompt and getattr(p.target_scene, a) in p.target_prompt
+        # one template: the prompts differ in the edited attribute's words only
+        diff = [(a, b) for a, b in zip(p.source_prompt.split(), p.target_prompt.split())
+                if a != b and {a, b} != {"a", "an"}]  # the article follows the word
+        assert len(p.source_prompt.split()) - len(p.target_prompt.split()) in (-1, 0, 1) and len(diff) >= 1
+        if p.kind != "position":
+            assert len(diff) == 1 and diff[0] == (p.source_value, p.target_value), (p.source_prompt, p.target_prompt)
+    assert editbench.edit_pairs(1, version="shapesedit-v1")[0].source_prompt == \
+        "a small red square on the right on a gray background"  # v1 is unchanged
+
+
+def test_structure_kept_follows_the_unprompted_attributes():
+    from attnlens.shapes import Scene, with_attribute
+
+    scene = Scene("square", "red", "large", "left", "gray")
+    src = render(scene)[0]
+    moved, smaller = render(with_attribute(scene, position="right"))[0], render(with_attribute(scene, size="small"))[0]
+    blue = render(with_attribute(scene, colour="blue"))[0]
+    pair = lambda kind, value: editbench.EditPair(kind, 0, scene, value, "s", "t", editbench.UNDER_SPECIFIED)
+    colour = editbench.score(pair("colour", "blue"), src, blue)
+    assert colour["structure_kept"] and colour["centroid_shift_px"] < 1 and colour["iou"] > 0.95
+    assert not editbench.score(pair("colour", "blue"), src, moved)["structure_kept"]   # the object moved
+    assert not editbench.score(pair("colour", "blue"), src, smaller)["structure_kept"]  # it shrank
+    size = editbench.score(pair("size", "small"), src, smaller)
+    assert size["structure_kept"] and size["success"] and np.isnan(size["iou"])  # a size edit keeps its place
+    assert not editbench.score(pair("size", "small"), src, moved)["structure_kept"]
+    assert editbench.score(pair("position", "right"), src, moved)["structure_kept"]  # and a move keeps its size
 
 
 @pytest.mark.parametrize("kind", editbench.KINDS)
@@ -37,10 +81,13 @@ def test_scoring_a_perfect_edit_and_no_edit(kind):
     assert good["success"] and good["kept"] and not good["leak"] and good["source_ok"]
     if kind in ("colour", "background"):
         assert good["iou"] > 0.95
+    assert np.isnan(good["iou"]) == (kind in editbench.STRUCTURAL)
+    assert good["structure_kept"]
     if kind in ("colour", "shape", "size", "position"):
         assert good["bg_change"] < 0.02
     same = editbench.score(pair, src, src)
-    assert same["leak"] and not same["success"] and same["kept"] and same["iou"] == 1.0 and same["bg_change"] == 0.0
+    assert same["leak"] and not same["success"] and same["kept"] and same["bg_change"] == 0.0
+    assert same["structure_kept"] and (same["iou"] == 1.0 or kind in editbench.STRUCTURAL)
 
 
 def test_run_on_a_tiny_pipeline():
@@ -54,6 +101,13 @@ def test_run_on_a_tiny_pipeline():
     assert list(real.track) == ["real"]
     with pytest.raises(AttnlensError, match="unknown editing method"):
         editbench.run(pipe, ["sdedit"], seeds=1)
+    with pytest.raises(AttnlensError, match=r"\['self_max_resolution'\] are taken by none"):
+        editbench.run(pipe, ["fpe", "none"], seeds=1, self_max_resolution=4)  # a P2P option, no P2P in the run
+    # an option reaches the methods that take it, and only those (`none` takes no `steps`)
+    settings = {}
+    editbench.run(pipe, ["fpe", "none"], seeds=1, kinds=["colour"], num_inference_steps=2, progress=False,
+                  on_row=lambda row, r: settings.setdefault(row["method"], r.settings), steps=(0.0, 1.0))
+    assert settings["fpe"]["steps"] == (0.0, 1.0) and "steps" not in settings["none"]
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +158,17 @@ def test_cli_edit(tmp_path, capsys):
     Image.new("L", (16, 16), 100).save(img)
     assert main(["--device", "cpu", "edit", "--model", str(model), "--image", str(img), "--target", "a blue star",
                  "--steps", "2", "--out", str(out)]) == 0
+
+
+def test_a_shape_swap_at_the_same_place_and_size_keeps_the_structure():
+    from attnlens.shapes import Scene, with_attribute
+
+    scene = Scene("square", "red", "large", "left", "gray")
+    tri = with_attribute(scene, shape="triangle")
+    ratio = editbench.expected_area_ratio(scene, tri)
+    assert ratio < 0.8  # a raw area rule would call this perfect edit a size change
+    a, b = render(scene)[1], render(tri)[1]
+    assert not editbench.structure(a, b)["size_kept"] and editbench.structure(a, b, ratio)["size_kept"]
+    small_tri = render(with_attribute(tri, size="small"))[1]
+    assert not editbench.structure(a, small_tri, ratio)["size_kept"]
+    assert editbench.expected_area_ratio(scene, with_attribute(scene, colour="blue")) == 1.0

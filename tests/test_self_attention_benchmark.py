@@ -32,8 +32,7 @@ def test_zeroed_layers_output_zeros_and_the_processors_come_back(bench):
     x = torch.randn(2, 16, info.module.to_q.in_features)
     plain = _image(pipe)
     with bench.zeroed(pipe, names):
-        assert all(isinstance(unet.attn_processors[f"{i.path}.processor"], bench.ZeroAttention)
-                   for i in attnlens.layers(pipe) if i.kind == "self")
+        pipe(["a red star"], num_inference_steps=1)  # start the step clock, so the layers act on a call of their own
         out = info.module(x)
         assert out.shape == x.shape and torch.count_nonzero(out) == 0
         ablated = _image(pipe)
@@ -123,3 +122,31 @@ def test_a_tiny_run_writes_the_record(bench, tmp_path, monkeypatch):
     rec = json.loads((tmp_path / "shapes_self_attention_quick.json").read_text())
     assert rec["ablation"][-1]["group"] == "fpe_self" and rec["edits"] is None
     assert set(rec["targets"]) == {"load_bearing_self_attention"} and "timing_note" in rec
+
+
+def test_diagnostic_variants_edit_every_level_and_stay_out_of_the_targets(bench):
+    pipe = tiny_pipeline()
+    finest = max(max(i.resolution) for i in bench.attnlens.layers(pipe) if i.kind == "self")
+    assert bench.variant(pipe, "fpe") == ("fpe", {})
+    method, options = bench.variant(pipe, "fpe_every_level")
+    assert method == "fpe" and options == {"max_resolution": finest}
+    assert bench.variant(pipe, "fpe_every_level_all_steps")[1]["steps"] == (0.0, 1.0)
+    with pytest.raises(ValueError):
+        bench.variant(pipe, "fpe_everywhere")
+    rows = ([_edit("none", False, True) for _ in range(4)] + [_edit("fpe", False, True) for _ in range(4)]
+            + [_edit("fpe_every_level", True, True) for _ in range(4)])
+    v = bench.verdicts(None, rows)
+    assert not v["fpe_keeps_structure"]["pass"]  # a diagnostic never rescues the target
+    assert v["diagnostics"] == {"fpe_every_level": {"pairs": 4, "pairs_without_source_object": 0, "kept": 1.0,
+                                                    "success": 1.0, "n": 4}}
+
+
+def test_a_shape_swap_in_place_counts_as_kept(bench):
+    from attnlens import shapes
+
+    scene = shapes.Scene("square", "red", "large", "left", "gray")
+    src = shapes.render(scene)[0]
+    tri = shapes.render(shapes.with_attribute(scene, shape="triangle"))[0]
+    small_tri = shapes.render(shapes.with_attribute(scene, shape="triangle", size="small"))[0]
+    assert bench.structure(src, tri)["kept"] and bench.structure(src, tri)["area_ratio"] < 0.8
+    assert not bench.structure(src, small_tri)["kept"]
