@@ -319,9 +319,16 @@ def _check_joint_controller(controller: Any, views: list[LayerInfo]) -> None:
     cls = type(controller)  # overridden or the Controller base's (by name: _control imports this module)
     rewrites = getattr(cls.rewrite, "__qualname__", "") != "Controller.rewrite"
     edits_map = getattr(cls.edit_map, "__qualname__", "") != "Controller.edit_map"
+    scales = getattr(getattr(cls, "output_scale", None), "__qualname__", "Controller.output_scale") \
+        != "Controller.output_scale"
     for view in views:
         if view.stream not in ("joint", "single"):
             continue  # SD3.5's image-only second attention: a plain self-attention
+        if scales:
+            raise AttnlensError(
+                f"layer {view.name}: {cls.__name__} scales the layer's output, which is not supported on joint attention "
+                "(SD3, Flux: one output serves the image and the text tokens); it works on UNets, PixArt and SD3.5's "
+                "image-only dual.* attention")
         if view.kind == "self" and edits_map:
             raise AttnlensError(
                 f"layer {view.name}: {cls.__name__} edits the attention map, which on joint attention is supported on "

@@ -203,6 +203,11 @@ class HookedSD3Processor(_JointBase):
             if not attn.context_pre_only:
                 context = attn.to_add_out(context)
         out = attn.to_out[1](attn.to_out[0](out))
+        if encoder_hidden_states is None and not self.side:  # SD3.5's image-only attention: output scaling (Ablate)
+            for ctrl in self.controllers:
+                factor = ctrl._output_scale(self.info, batch)
+                if factor is not None:
+                    out = out * factor
         return (out, context) if encoder_hidden_states is not None else out
 
 

@@ -452,3 +452,37 @@ def test_a_capture_around_concept_maps_does_not_see_the_side_pass():
     assert sorted(around.keys()) == sorted(alone.keys())
     for key in alone.keys():
         assert torch.equal(around[key], alone[key])
+
+
+def test_output_scaling_controllers_are_refused_on_joint_attention_and_work_on_pixart():
+    from attnlens import Ablate, Selector, control
+
+    pipe = _pipe("flux")
+    with pytest.raises(AttnlensError, match=r"joint\.0\.self: Ablate scales the layer's output.*not supported on joint"):
+        with control(pipe, Ablate(Selector(layers="joint.0.self"))):
+            pass
+    assert all(type(p).__name__ == "FluxAttnProcessor" for p in processors(pipe).values())
+    pixart = _pipe("pixart")
+    with control(pixart, Ablate(Selector(layers="block.1.self"))):
+        ablated = pixart("a red star", num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0),
+                         **kwargs("pixart")).images
+    plain = pixart("a red star", num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0),
+                   **kwargs("pixart")).images
+    assert (ablated - plain).abs().max() > 1e-4
+
+
+def test_ablating_sd35_image_only_attention_changes_the_image():
+    from attnlens import Ablate, Selector, control
+
+    pipe = _pipe("sd3")
+
+    def image():
+        return pipe("a red star", num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0),
+                    max_sequence_length=TEXT).images
+
+    plain = image()
+    with control(pipe, Ablate(Selector(layers="dual.0.self"), scale=1.0)):
+        same = image()
+    with control(pipe, Ablate(Selector(layers="dual.0.self"))):
+        ablated = image()
+    assert torch.equal(same, plain) and (ablated - plain).abs().max() > 1e-4
