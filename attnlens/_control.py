@@ -35,6 +35,8 @@ class Site:
         step: index in the pipeline's denoising loop; ``n_steps``: its length.
         cfg: whether the batch holds an unconditional half.
         n_prompts: prompts in the batch (source first, for edits).
+        negative: the call is Flux's true-CFG negative-prompt call (a second transformer call at the step, its
+            batch the negative prompts laid out as the prompts): it is the ``"uncond"`` branch, and only that.
     """
 
     layer: LayerInfo
@@ -42,13 +44,18 @@ class Site:
     n_steps: int
     cfg: bool
     n_prompts: int
+    negative: bool = False
 
     def row(self, prompt: int, branch: str = "cond") -> int:
         """Batch row of ``prompt`` in ``branch`` (``"cond"`` or ``"uncond"``)."""
+        if self.negative:
+            return batch_row(prompt, "cond", self.n_prompts, False)
         return batch_row(prompt, branch, self.n_prompts, self.cfg)
 
     def branches(self, which: str) -> list[str]:
         """The branches present for a selection ``"cond"``, ``"uncond"`` or ``"both"``."""
+        if self.negative:
+            return ["uncond"] if which in ("uncond", "both") else []
         out = [b for b in ("uncond", "cond") if which in (b, "both")]
         return [b for b in out if b == "cond" or self.cfg]
 
@@ -109,7 +116,7 @@ class Controller:
         if clock.step not in self._steps:
             return None
         per = batch // 2 if clock.cfg else batch
-        return Site(info, clock.step, clock.n_steps, clock.cfg, per)
+        return Site(info, clock.step, clock.n_steps, clock.cfg, per, negative=getattr(clock, "negative", False))
 
     def _rewrite(self, info: LayerInfo, q: torch.Tensor, k: torch.Tensor,
                  v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

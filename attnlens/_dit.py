@@ -24,6 +24,10 @@ one token), so its token grid at a latent of ``H x W`` is ``ceil(H / p) x ceil(W
 ``log2(p)``, exactly as a UNet layer ``level`` downsamplings deep, and ``factor`` (image pixels per token)
 is ``vae_scale_factor * p``. Every layer of a transformer has the same grid; it scales linearly with the
 image side (1024x1024 with an 8x VAE and 2x2 patches: 64x64 tokens).
+
+Editing (:func:`attnlens.edit`: ``fpe``, ``masactrl``, ``p2p`` word swap) chooses a transformer's layers by
+block depth (:func:`block_depth`; the rules and why: :mod:`attnlens._methods`); what a controller does on
+joint attention: :mod:`attnlens._joint`. Concept maps on SD3 and Flux: :mod:`attnlens._concepts`.
 """
 
 from __future__ import annotations
@@ -181,3 +185,72 @@ def dit_layers(pipe: Any, model: Any) -> list[LayerInfo]:
     else:
         raise unsupported(pipe)
     return found
+
+
+def is_dit_table(table: Any) -> bool:
+    """Whether a layer table is a transformer's (its names are ``block.*``, ``joint.*``, ``dual.*``, ``single.*``)."""
+    return any(i.name.split(".", 1)[0] in ("block", "joint", "dual", "single") for i in table)
+
+
+def block_depth(table: Any) -> dict[str, int]:
+    """Each layer's block depth: the index of its transformer block in execution order (PixArt ``block.i`` and
+    SD3 ``joint.i`` / ``dual.i``: ``i``; Flux ``joint.i``: ``i``, ``single.j``: the number of joint blocks plus ``j``).
+
+    Example:
+        >>> from attnlens import layers
+        >>> from attnlens._testing import tiny_flux_pipeline
+        >>> block_depth(layers(tiny_flux_pipeline()))["single.1.self"]  # one joint block, then single 0 and 1
+        2
+    """
+    n_joint = 1 + max((int(i.name.split(".")[1]) for i in table if i.name.startswith("joint.")), default=-1)
+    out = {}
+    for i in table:
+        prefix, index = i.name.split(".")[:2]
+        out[i.name] = int(index) + (n_joint if prefix == "single" else 0)
+    return out
+
+
+def start_latents(pipe: Any, generator: torch.Generator, height: int | None, width: int | None) -> torch.Tensor:
+    """The start noise of one image as ``pipe(prompt, generator=generator)`` draws it, in the form its ``latents=``
+    takes: ``(1, C, h, w)`` for PixArt and SD3, Flux's packed ``(1, h/2 * w/2, 4 C)`` (2x2 latent cells a token)."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.utils.torch_utils import randn_tensor
+
+    model = pipe.transformer
+    scale = int(getattr(pipe, "vae_scale_factor", 8))
+    if isinstance(model, FluxTransformer2DModel):
+        side = int(getattr(pipe, "default_sample_size", 128)) * scale
+        h = 2 * (int(height or side) // (scale * 2))
+        w = 2 * (int(width or side) // (scale * 2))
+        channels = model.config.in_channels // 4
+        noise = randn_tensor((1, channels, h, w), generator=generator, device=torch.device("cpu"), dtype=model.dtype)
+        return pipe._pack_latents(noise, 1, channels, h, w)
+    side = int(model.config.sample_size) * scale
+    h, w = int(height or side) // scale, int(width or side) // scale
+    return randn_tensor((1, model.config.in_channels, h, w), generator=generator, device=torch.device("cpu"),
+                        dtype=model.dtype)
+
+
+def latents_hw(pipe: Any, latents: torch.Tensor, height: int | None, width: int | None) -> tuple[int, int]:
+    """The latent grid ``(h, w)`` of start latents from :func:`start_latents` (Flux: unpacked, twice the tokens)."""
+    if latents.ndim == 4:
+        return tuple(latents.shape[-2:])
+    scale = int(getattr(pipe, "vae_scale_factor", 8))
+    side = int(getattr(pipe, "default_sample_size", 128)) * scale
+    return (2 * (int(height or side) // (scale * 2)), 2 * (int(width or side) // (scale * 2)))
+
+
+def text_tokenizers(pipe: Any) -> list[tuple[str, Any]]:
+    """``(name, tokenizer)`` of every tokenizer whose tokens are text keys of the transformer's attention: PixArt's
+    ``tokenizer`` (T5), SD3's ``tokenizer`` (CLIP, the first 77 keys) and ``tokenizer_3`` (T5, the rest), Flux's
+    ``tokenizer_2`` (T5)."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    model = getattr(pipe, "transformer", None)
+    if isinstance(model, FluxTransformer2DModel):
+        names = ["tokenizer_2"]
+    elif isinstance(model, SD3Transformer2DModel):
+        names = ["tokenizer", "tokenizer_3"]
+    else:
+        names = ["tokenizer"]
+    return [(n, getattr(pipe, n)) for n in names if getattr(pipe, n, None) is not None]

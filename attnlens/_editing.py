@@ -26,7 +26,7 @@ from ._control import control
 from ._errors import AttnlensError, check_int
 from ._images import to_pil as _to_pil
 from ._inversion import DEFAULT_GUIDANCE, DEFAULT_STEPS, Inversion, invert
-from ._layers import get_unet
+from ._layers import get_denoiser, get_unet
 from ._methods import (METHODS, CrossOptions, EditPlan, FPEOptions, MasaCtrlOptions, NoneOptions, P2POptions,
                        default_layers, options_for, plan as _plan)
 from ._prompts import batch_row, check_prompt as _check_prompt, token_indices, tokenize
@@ -43,7 +43,8 @@ class EditResult:
     Attributes:
         source, edited: PIL images.
         method: the method's name; ``settings``: every option and sampling setting actually used.
-        latents: the start noise ``(1, C, h, w)`` (``pipe(prompt, latents=result.latents)`` reproduces a branch).
+        latents: the start noise ``(1, C, h, w)``, Flux's packed ``(1, tokens, C)`` (``pipe(prompt,
+            latents=result.latents)`` reproduces a branch).
         cache: the :class:`~attnlens.AttentionCache` captured during the edit (``capture=...``), else ``None``.
         seconds: wall time of the edit.
         inversion: the :class:`Inversion` a real-image edit used.
@@ -77,13 +78,18 @@ class EditResult:
 
 def start_noise(pipe: Any, seed: int = 0, height: int | None = None, width: int | None = None) -> torch.Tensor:
     """The start latents ``(1, C, h, w)`` that ``pipe(prompt, generator=torch.Generator().manual_seed(seed))``
-    draws (a CPU generator, so a seed means the same noise on every device)."""
+    draws (a CPU generator, so a seed means the same noise on every device). On Flux, in the packed form its
+    pipeline's ``latents=`` takes, ``(1, h/2 * w/2, 4 C)``."""
     from diffusers.utils.torch_utils import randn_tensor
+
+    from ._dit import is_dit, start_latents
 
     seed = check_int("seed", seed, minimum=0)
     for name, value in (("height", height), ("width", width)):
         if value is not None:
             check_int(name, value, minimum=1)
+    if is_dit(getattr(pipe, "transformer", None)):
+        return start_latents(pipe, torch.Generator().manual_seed(int(seed)), height, width)
     unet = get_unet(pipe)
     scale = getattr(pipe, "vae_scale_factor", 8)
     h = (height or unet.config.sample_size * scale) // scale
@@ -110,8 +116,19 @@ def _check_capture(capture: Any) -> None:
 
 
 def _check_latents(pipe: Any, latents: Any) -> None:
-    """An :class:`AttnlensError` unless ``latents`` is a float tensor ``(1, C, h, w)`` with the UNet's ``C``."""
-    channels = getattr(get_unet(pipe).config, "in_channels", None)
+    """An :class:`AttnlensError` unless ``latents`` is a float tensor ``(1, C, h, w)`` with the UNet's ``C`` (Flux:
+    its packed ``(1, tokens, C)``)."""
+    from diffusers import FluxTransformer2DModel
+
+    denoiser = get_denoiser(pipe)
+    channels = getattr(denoiser.config, "in_channels", None)
+    if isinstance(denoiser, FluxTransformer2DModel):
+        want = f"a float torch.Tensor of shape (1, tokens, {channels}) (start_noise(pipe, seed) makes one)"
+        if not torch.is_tensor(latents):
+            raise AttnlensError(f"latents must be {want}, not {type(latents).__name__}")
+        if latents.ndim != 3 or latents.shape[0] != 1 or latents.shape[2] != channels or not latents.is_floating_point():
+            raise AttnlensError(f"latents must be {want}, not a {latents.dtype} tensor of shape {tuple(latents.shape)}")
+        return
     want = f"a float torch.Tensor of shape (1, {channels or 'C'}, h, w) (start_noise(pipe, seed) makes one)"
     if not torch.is_tensor(latents):
         raise AttnlensError(f"latents must be {want}, not {type(latents).__name__}")
@@ -131,7 +148,7 @@ def _settings(p: EditPlan, hw: tuple[int, int], steps: int, guidance: float, see
 
 def _run(pipe: Any, p: EditPlan, source: str, target: str, latents: torch.Tensor, steps: int, guidance: float,
          capture: Any, negative_prompt: Any, callbacks: list, embeds: dict | None, height: int | None,
-         width: int | None) -> tuple[torch.Tensor, AttentionCache | None]:
+         width: int | None, pipe_kwargs: dict | None = None) -> tuple[torch.Tensor, AttentionCache | None]:
     """Run the plan: ``(pixels (2, 3, H, W) in [0, 1], the user's capture cache or None)``."""
     blend = getattr(p.options, "local_blend", None)
     with contextlib.ExitStack() as stack:
@@ -152,9 +169,10 @@ def _run(pipe: Any, p: EditPlan, source: str, target: str, latents: torch.Tensor
             return out
 
         call = dict(num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
-                    latents=latents.expand(2, *latents.shape[1:]).to(pipe.device, get_unet(pipe).dtype))
+                    latents=latents.expand(2, *latents.shape[1:]).to(pipe.device, get_denoiser(pipe).dtype))
         if height or width:
             call.update(height=height, width=width)
+        call.update(pipe_kwargs or {})
         if embeds is not None:
             call.update(embeds)
         else:
@@ -208,7 +226,8 @@ def _local_blend(pipe: Any, stack: contextlib.ExitStack, p: EditPlan, source: st
 def edit(pipe: Any, source_prompt: str, target_prompt: str, method: str = "fpe", *, seed: int = 0,
          latents: torch.Tensor | None = None, num_inference_steps: int = DEFAULT_STEPS,
          guidance_scale: float = DEFAULT_GUIDANCE, negative_prompt: str | None = None, capture: Any = None,
-         height: int | None = None, width: int | None = None, **options: Any) -> EditResult:
+         height: int | None = None, width: int | None = None, pipe_kwargs: dict | None = None,
+         **options: Any) -> EditResult:
     """Edit the image of ``source_prompt`` into ``target_prompt`` with ``method`` (see :data:`METHODS`).
 
     Source and target are generated together (a batch ``[source, target]``) from the same start noise:
@@ -217,6 +236,13 @@ def edit(pipe: Any, source_prompt: str, target_prompt: str, method: str = "fpe",
     the one the pipeline makes for the source prompt alone. ``options`` are the method's (see
     :class:`FPEOptions`, :class:`P2POptions`, :class:`CrossOptions`, :class:`MasaCtrlOptions`).
     ``capture=True`` (or a dict of :func:`attnlens.capture` arguments) records the maps used while editing.
+    ``pipe_kwargs``: more keyword arguments of the pipeline call (``max_sequence_length``, PixArt's
+    ``use_resolution_binning``, ...).
+
+    Diffusion transformers (PixArt, SD3, Flux) take ``fpe``, ``masactrl`` and ``p2p``/``cross`` word swap,
+    their layers chosen by block depth (the rule and its reasons: ``attnlens._methods``; what an injection does to a
+    joint attention's text part: ``attnlens._joint``); on Flux, ``latents`` are its packed
+    ``(1, tokens, C)`` (:func:`start_noise`). Real-image editing (:func:`edit_image`) needs a UNet so far.
 
     Example:
         >>> from attnlens._testing import tiny_pipeline
@@ -229,6 +255,13 @@ def edit(pipe: Any, source_prompt: str, target_prompt: str, method: str = "fpe",
     _check_prompt("target_prompt", target_prompt)
     _check_sampling(num_inference_steps, guidance_scale)
     _check_capture(capture)
+    if pipe_kwargs is not None and not isinstance(pipe_kwargs, dict):
+        raise AttnlensError(f"pipe_kwargs must be None or a dict of pipeline keyword arguments, not "
+                            f"{type(pipe_kwargs).__name__}")
+    taken = sorted(set(pipe_kwargs or {}) & {"prompt", "latents", "num_inference_steps", "guidance_scale",
+                                              "output_type", "negative_prompt", "height", "width"})
+    if taken:
+        raise AttnlensError(f"pipe_kwargs may not set {taken}: edit's own arguments set them")
     opts = options_for(method, options)
     given = latents is not None
     if latents is None:
@@ -236,10 +269,12 @@ def edit(pipe: Any, source_prompt: str, target_prompt: str, method: str = "fpe",
     else:
         _check_latents(pipe, latents)
     t0 = time.perf_counter()
-    hw = tuple(latents.shape[-2:])
+    from ._dit import latents_hw
+
+    hw = latents_hw(pipe, latents, height, width)
     p = _plan(pipe, method, opts, source_prompt, target_prompt, hw)
     pixels, cache = _run(pipe, p, source_prompt, target_prompt, latents, num_inference_steps, guidance_scale,
-                         capture, negative_prompt, [], None, height, width)
+                         capture, negative_prompt, [], None, height, width, pipe_kwargs)
     src, out = _to_pil(pixels)
     settings = _settings(p, hw, num_inference_steps, guidance_scale, None if given else seed)
     settings.update(source_prompt=source_prompt, target_prompt=target_prompt, edited_layers=p.layers)

@@ -54,6 +54,7 @@ class StepClock:
         self.latent_hw: tuple[int, int] = (0, 0)
         self.text_len = 0  # text tokens of the denoiser call (its encoder_hidden_states' length)
         self.repeat = 0  # denoiser calls at this step before this one (Flux's true CFG, SD3's skip-layer guidance)
+        self.negative = False  # the call is Flux's true-CFG negative-prompt call (its second call at a step)
         self.run = 0  # pipeline calls seen; a call starts when the step goes back
         self.subscribers: list[Subscription] = []
         self._handle: Any = None
@@ -113,6 +114,9 @@ class StepClock:
         self.repeat = self.repeat + 1 if step == self.step else 0
         self.step = step
         self.cfg = self._cfg(module, sample)
+        from diffusers import FluxTransformer2DModel
+
+        self.negative = bool(self.repeat) and isinstance(module, FluxTransformer2DModel)
         self.latent_hw = latent_hw(sample, kwargs)
         context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         self.text_len = int(context.shape[1]) if torch.is_tensor(context) and context.ndim == 3 else 0
@@ -271,8 +275,7 @@ def attach(pipe: Any, chosen: list[LayerInfo], hook: Any = None, controller: Any
                 "(call set_default_attn_processor() on the denoiser or unfuse QKV projections first)"
             )
         if joint and controller is not None:
-            raise AttnlensError(f"layer {info.name} is joint attention ({info.stream}): editing joint attention "
-                                "(SD3, Flux) is not supported yet; capture and word maps are")
+            _check_joint_controller(controller, [i for i in chosen if i.path == info.path])
     sub = Subscription(listener)
     clock, leave = _subscribe(pipe, sub)
     procs = []
@@ -286,12 +289,14 @@ def attach(pipe: Any, chosen: list[LayerInfo], hook: Any = None, controller: Any
                 from ._layers import layers as list_layers
 
                 views = [i for i in list_layers(pipe) if i.path == info.path]
-                proc = cls(views, proc, clock)
+                proc = cls(views, proc, clock, explicit_attention)
             module.set_processor(proc)
         if hook is not None:
             proc.hooks.append(hook)
         if controller is not None:
             proc.controllers.append(controller)
+            if isinstance(proc, _JointBase):  # the views this controller acts on (a joint layer has two)
+                proc.chosen[id(controller)] = {i.kind for i in chosen if i.path == info.path}
         procs.append((module, proc))
 
     def detach() -> None:
@@ -300,11 +305,41 @@ def attach(pipe: Any, chosen: list[LayerInfo], hook: Any = None, controller: Any
                 proc.hooks.remove(hook)
             if controller is not None and any(c is controller for c in proc.controllers):
                 proc.controllers.remove(controller)
+                getattr(proc, "chosen", {}).pop(id(controller), None)
             if not proc.hooks and not proc.controllers and module.processor is proc:
                 module.set_processor(proc.base)
         leave()
 
     return clock, detach
+
+
+def _check_joint_controller(controller: Any, views: list[LayerInfo]) -> None:
+    """A controller on a joint-attention layer (:mod:`attnlens._joint`): q/k/v rewrites act on its ``*.self`` view
+    (the image tokens), map edits on its ``*.cross`` view (the image->text quadrant); anything else is refused."""
+    cls = type(controller)  # overridden or the Controller base's (by name: _control imports this module)
+    rewrites = getattr(cls.rewrite, "__qualname__", "") != "Controller.rewrite"
+    edits_map = getattr(cls.edit_map, "__qualname__", "") != "Controller.edit_map"
+    scales = getattr(getattr(cls, "output_scale", None), "__qualname__", "Controller.output_scale") \
+        != "Controller.output_scale"
+    for view in views:
+        if view.stream not in ("joint", "single"):
+            continue  # SD3.5's image-only second attention: a plain self-attention
+        if scales:
+            raise AttnlensError(
+                f"layer {view.name}: {cls.__name__} scales the layer's output, which is not supported on joint attention "
+                "(SD3, Flux: one output serves the image and the text tokens); it works on UNets, PixArt and SD3.5's "
+                "image-only dual.* attention")
+        if view.kind == "self" and edits_map:
+            raise AttnlensError(
+                f"layer {view.name}: {cls.__name__} edits the attention map, which on joint attention is supported on "
+                f"the image->text view (*.cross) only; on the image->image view (*.self) a controller rewrites the "
+                "image tokens' q, k, v (InjectQK, InjectKV). FPE's path='explicit' and Prompt-to-Prompt's "
+                "self-attention copy are UNet and PixArt features")
+        if view.kind == "cross" and rewrites:
+            raise AttnlensError(
+                f"layer {view.name}: {cls.__name__} rewrites q, k, v, which on joint attention acts on the image tokens "
+                "through the image->image view (*.self); select that view (on the *.cross view only map edits, "
+                "as Prompt-to-Prompt's, are supported)")
 
 
 def _module(pipe: Any, info: LayerInfo) -> Any:

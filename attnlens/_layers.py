@@ -45,8 +45,9 @@ def get_unet(obj: Any) -> UNet2DConditionModel:
 
         if is_dit(getattr(obj, "transformer", None)) or is_dit(obj):
             raise AttnlensError(
-                f"{type(obj).__name__} has a transformer denoiser: attnlens.layers, capture and word maps support it, "
-                "but this operation (editing, inversion, image encoding) needs a UNet2DConditionModel denoiser so far"
+                f"{type(obj).__name__} has a transformer denoiser: attnlens.layers, capture, word maps, collect and edit "
+                "(fpe, masactrl, p2p word swap) support it, but this operation (inversion, real-image editing, image "
+                "encoding) needs a UNet2DConditionModel denoiser so far"
             )
         raise unsupported(obj)
     return unet

@@ -20,6 +20,31 @@ method, its options and the two prompts into one :class:`EditPlan` (settings, li
 controllers computed once, against one layer table) that :func:`attnlens.edit` executes;
 :func:`default_layers` lists the layers a method edits on a given model.
 
+Diffusion transformers (PixArt, SD3, Flux; :mod:`attnlens._dit`) have one token grid at every depth, so
+a resolution rule selects all of their layers or none: there the layers are chosen by block depth.
+
+* ``fpe``: the image->image attention of **every block** (``*.self``: PixArt's self-attention, the image
+  view of SD3's and Flux's joint and single-stream attention, SD3.5's second image-only attention). Why:
+  Stable Flow (Avrahami et al., CVPR 2025, arXiv 2411.14430) observes that a DiT lacks the UNet's
+  coarse-to-fine structure, so the UNet-era injection rules do not carry over, and finds the layers that
+  matter for image formation in Flux ("vital layers": bypass one layer, measure how much the image
+  changes) to be a model-specific set spread over the depth rather than one contiguous band; it injects
+  the reference image's attention keys and values only there. No depth band is known to carry layout
+  across PixArt, SD3 and Flux, so the default is the neutral one, every block (the analogue of FPE's
+  "every level but one"), and ``layers=`` restricts it to a measured set (e.g. Stable Flow's vital layers
+  of a given model, or ``"joint.*.self"``).
+* ``masactrl``: the image->image attention of the **deeper half** of the blocks (block depth
+  ``>= depth // 2``, :func:`attnlens._dit.block_depth`): the reference edits the second half of SD 1.5's
+  16 attention layers (the decoder's upper levels, "from the 10th layer"), and depth is the axis that
+  rule keeps on a transformer.
+* ``p2p`` / ``cross``: the image->text quadrant of every block (``*.cross``), word swap only (``mode``
+  ``"replace"``, prompts with the same number of tokens under every tokenizer whose tokens are text
+  keys), no reweighting, local blend or self-attention copy; on joint attention the swapped text part is
+  renormalised to the target's own text mass (:mod:`attnlens._joint`).
+
+How a controller acts on joint attention (the image tokens' q/k/v, the text part of the softmax) is
+documented in :mod:`attnlens._joint`.
+
 Imports the mechanism (``_control``, ``_select``, ``_layers``, ``_prompts``); imported by ``_editing``
 (which runs plans) and by the cache (the P2P layer rule).
 """
@@ -52,13 +77,19 @@ class FPEOptions:
             512x512, the official code's rule; 32 on SDXL at 1024x1024, which has no attention at 128).
         steps: which denoising steps (anything a :class:`Selector` takes; default the first 80%).
         branch: ``"cond"`` (the official code), ``"uncond"`` or ``"both"``.
-        path: ``"fused"`` (source Q, K into fused attention) or ``"explicit"`` (materialised map, the reference).
+        path: ``"fused"`` (source Q, K into fused attention) or ``"explicit"`` (materialised map, the reference;
+            UNets and PixArt only).
+        layers: the self-attention layers to edit instead of the default rule: a glob, a list of names or a
+            callable, as :class:`Selector`'s ``layers`` (``"block.1[0-9].self"``, ``["joint.3.self"]``); every layer
+            it picks must be a ``*.self`` layer. The default on a diffusion transformer is every block's image->image
+            attention (the module docstring says why); ``max_resolution`` has no meaning there.
     """
 
     max_resolution: int | None = None
     steps: Any = (0.0, 0.8)
     branch: str = "cond"
     path: str = "fused"
+    layers: Any = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +116,10 @@ class P2POptions:
         blend_start: fraction of the steps before blending starts: steps ``i >= int(blend_start * n)`` blend.
             0.2 is the null-text inversion notebook's value (``start_blend=0.2``); the Stable Diffusion
             notebook blends from step 0 (``blend_start=0.0``).
+
+    On a diffusion transformer (PixArt, SD3, Flux) only the word swap runs: ``mode`` ``"replace"`` (or ``"auto"``
+    resolving to it), every block's image->text attention, no ``reweight``, ``local_blend`` or self-attention
+    copy; on joint attention the swapped distribution over the text keys keeps the target's own text mass.
     """
 
     mode: str = "auto"
@@ -122,11 +157,15 @@ class MasaCtrlOptions:
             side of the finest attention level, i.e. the decoder's two upper attention levels: the reference's
             "from the 10th layer" on SD 1.5).
         branch: ``"both"`` (the reference code edits both halves), ``"cond"`` or ``"uncond"``.
+        layers: the self-attention layers to edit instead of the default rule (as :class:`FPEOptions`' ``layers``).
+            The default on a diffusion transformer is the deeper half of the blocks' image->image attention;
+            ``min_resolution`` has no meaning there.
     """
 
     start_step: float = 0.08
     min_resolution: int | None = None
     branch: str = "both"
+    layers: Any = None
 
 
 @dataclass(frozen=True)
@@ -144,7 +183,7 @@ def options_for(method: str, options: dict) -> Any:
 
     Example:
         >>> options_for("fpe", {"max_resolution": 8})
-        FPEOptions(max_resolution=8, steps=(0.0, 0.8), branch='cond', path='fused')
+        FPEOptions(max_resolution=8, steps=(0.0, 0.8), branch='cond', path='fused', layers=None)
     """
     if method not in METHODS:
         raise AttnlensError(f"unknown editing method {method!r}; valid: {choices(METHODS)}")
@@ -198,6 +237,12 @@ def _check_values(method: str, opts: Any) -> None:
                     isinstance(k, (str, int)) and not isinstance(k, bool) and real(v) for k, v in value.items())):
                 raise AttnlensError(f"{where} must be None or a dict {{word of the target prompt: factor}}, "
                                     f"e.g. {{'red': 2.0}}, not {value!r}")
+        elif name == "layers":
+            if value is not None:
+                try:
+                    Selector(layers=value)
+                except AttnlensError as exc:
+                    raise AttnlensError(f"{where}: {exc}") from None
         elif name == "local_blend":
             if value is not None and not (isinstance(value, (tuple, list)) and len(value) == 2
                                           and all(isinstance(w, str) for w in value)):
@@ -270,8 +315,47 @@ def p2p_layers(table: list[LayerInfo]) -> list[str]:
     return [i.name for i in cands if i.level == deepest]
 
 
+def _dit_limits(method: str, opts: Any, table: Any) -> dict[str, int]:
+    """A transformer's rules (block depth, :mod:`attnlens._dit`): an error for the options that have no meaning on
+    one, and the depth threshold in force for ``masactrl``."""
+    from ._dit import block_depth
+
+    for name in ("max_resolution", "min_resolution", "self_max_resolution"):
+        if getattr(opts, name, None) is not None:
+            raise AttnlensError(f"option {name} of method {method!r} selects UNet levels by resolution; a diffusion "
+                                "transformer has one token grid at every depth: choose its layers by name with "
+                                "layers= (e.g. 'joint.1*.self'), or leave the default rule (by block depth)")
+    if method == "fpe" and opts.path == "explicit" and any(i.stream in ("joint", "single") for i in table):
+        raise AttnlensError("FPE's path='explicit' (the materialised map copy) is the UNet and PixArt reference path; "
+                            "on joint attention (SD3, Flux) use path='fused'")
+    if method == "p2p" and opts.local_blend is not None:
+        raise AttnlensError("p2p's local_blend is not supported on diffusion transformers (its masks are the UNet "
+                            "recipe's); use local_blend=None")
+    if method in ("p2p", "cross") and getattr(opts, "reweight", None):
+        raise AttnlensError("p2p's reweight is not supported on diffusion transformers; word swap (mode='replace') is")
+    if method == "masactrl":
+        depth = block_depth(table)
+        return {"min_block": (max(depth.values()) + 1) // 2}
+    return {}
+
+
+def _chosen(method: str, spec: Any, table: Any) -> set[str]:
+    """The names an explicit ``layers=`` option picks; an error unless they are all self-attention layers."""
+    picked = Selector(layers=spec).match(table)
+    wrong = [i.name for i in picked if i.kind != "self"]
+    if wrong:
+        valid = [i.name for i in table if i.kind == "self"]
+        raise AttnlensError(f"option layers of method {method!r} picks {wrong}, which are not self-attention "
+                            f"(image->image) layers; valid: {', '.join(valid)}")
+    return {i.name for i in picked}
+
+
 def _limits(method: str, opts: Any, table: Any, hw: tuple[int, int]) -> dict[str, int]:
     """The resolution thresholds in force, defaults resolved against the model's finest attention level."""
+    from ._dit import is_dit_table
+
+    if is_dit_table(table):
+        return _dit_limits(method, opts, table)
     sides = [max(i.grid(hw)) for i in table if i.kind == "self"]
     top = max(sides) if sides else max(hw)  # SD 1.5 at 512: 64; SDXL at 1024: 64 (no attention at 128)
     if method == "fpe":
@@ -288,6 +372,25 @@ def _selectors(method: str, opts: Any, table: Any, hw: tuple[int, int], lim: dic
 
     def res(i: Any) -> int:  # the layer's query grid side at this latent size
         return max(i.grid(hw))
+
+    from ._dit import block_depth, is_dit_table
+
+    if method in ("fpe", "masactrl") and getattr(opts, "layers", None) is not None:
+        names = _chosen(method, opts.layers, table)
+        if method == "fpe":
+            return [("fpe", Selector(kind="self", layers=lambda i: i.name in names, steps=_fraction_steps(opts.steps),
+                                     branch=opts.branch))]
+        return [("kv", Selector(kind="self", layers=lambda i: i.name in names, branch=opts.branch))]
+    if is_dit_table(table):
+        if method == "fpe":
+            return [("fpe", Selector(kind="self", steps=_fraction_steps(opts.steps), branch=opts.branch))]
+        if method == "masactrl":
+            depth, first = block_depth(table), lim["min_block"]
+            return [("kv", Selector(kind="self", layers=lambda i: depth[i.name] >= first, branch=opts.branch))]
+        if method in ("p2p", "cross"):
+            spec = _fraction_steps(opts.cross_replace_steps)
+            return [("cross", Selector(kind="cross", steps=None if _is_fraction(spec) else spec))]
+        return []
 
     if method == "fpe":
         limit = lim["max_resolution"]
@@ -319,7 +422,8 @@ class EditPlan:
 
     Attributes:
         method: the method's name; ``options``: its option object (:class:`FPEOptions`, ...).
-        limits: the resolution thresholds in force (defaults resolved against the model).
+        limits: the resolution thresholds in force (defaults resolved against the model); on a diffusion
+            transformer, ``min_block`` (MasaCtrl's first edited block depth) or nothing.
         mode: for ``p2p`` and ``cross``, the alignment mode used (``"auto"`` resolved), else ``None``.
         controllers: the controllers to install, in order; ``layers``: ``{controller class name: layer names}``.
         settings: the method and every option as plain values (an edit adds its sampling settings, the limits
@@ -357,7 +461,12 @@ def plan(pipe: Any, method: str, options: Any, source: str, target: str, latent_
     mode = None
     mapper = alpha = None
     if method in ("p2p", "cross"):
-        mapper, alpha, mode = alignment(pipe.tokenizer, source, target, opts.mode)
+        from ._dit import is_dit_table
+
+        if is_dit_table(table):
+            mode = _dit_word_swap(pipe, source, target, opts.mode)
+        else:
+            mapper, alpha, mode = alignment(pipe.tokenizer, source, target, opts.mode)
     ctrls: list[Controller] = []
     for tag, sel in _selectors(method, opts, table, hw, lim):
         if tag == "fpe":
@@ -376,10 +485,31 @@ def plan(pipe: Any, method: str, options: Any, source: str, target: str, latent_
                 scale = {1: factors}
             window = _fraction_steps(opts.cross_replace_steps)
             ctrls.append(CrossMapEdit(sel, {1: mapper}, {1: alpha}, scale, window if _is_fraction(window) else None))
+            # mapper None (a transformer's word swap): every text key takes the source's map of the same key
     edited = {type(c).__name__: [i.name for i in c.selector.match(table)] for c in ctrls}
     settings = {"method": method, **dataclasses.asdict(opts)}
     blend = p2p_layers(table) if getattr(opts, "local_blend", None) is not None else []
     return EditPlan(method, opts, lim, mode, ctrls, edited, settings, blend)
+
+
+def _dit_word_swap(pipe: Any, source: str, target: str, mode: str) -> str:
+    """Prompt-to-Prompt on a transformer: word swap (``"replace"``) only, and only when the prompts have the same
+    number of tokens under every tokenizer whose tokens are text keys (:func:`attnlens._dit.text_tokenizers`)."""
+    from ._dit import text_tokenizers
+
+    if mode == "refine":
+        raise AttnlensError("p2p mode 'refine' (token alignment) is not supported on diffusion transformers; word swap "
+                            "(mode='replace', prompts with the same number of tokens) is, and so are fpe and masactrl")
+    for name, tok in text_tokenizers(pipe):
+        try:
+            alignment(tok, source, target, "replace")
+        except AttnlensError:
+            counts = [len(tok(p).input_ids) for p in (source, target)]
+            raise AttnlensError(
+                f"p2p on a diffusion transformer swaps words between prompts with the same number of tokens; under "
+                f"pipe.{name} the source has {counts[0]} and the target {counts[1]}. Use prompts whose swapped words "
+                "have the same token count, or method='fpe' / 'masactrl', which take any prompts") from None
+    return "replace"
 
 
 def default_layers(pipe_or_unet: Any, method: str = "fpe", latent_size: tuple[int, int] | None = None,
@@ -388,8 +518,10 @@ def default_layers(pipe_or_unet: Any, method: str = "fpe", latent_size: tuple[in
 
     The defaults are relative to the model's finest attention level: ``fpe`` edits self-attention at every
     level but that one, ``p2p`` copies self-attention at a quarter of its side and below, ``masactrl``
-    edits the decoder's self-attention at half its side and above. Works on a pipeline or a bare UNet
-    (also on the ``meta`` device). ``latent_size``: ``(h, w)`` of the latents (default: the UNet's).
+    edits the decoder's self-attention at half its side and above. On a diffusion transformer the rules go by
+    block depth (``fpe``: every block, ``masactrl``: the deeper half; see the module docstring). Works on a
+    pipeline, a bare UNet or a bare transformer (also on the ``meta`` device). ``latent_size``: ``(h, w)`` of
+    the latents (default: the denoiser's).
 
     Example:
         >>> from attnlens._testing import tiny_pipeline
@@ -400,8 +532,9 @@ def default_layers(pipe_or_unet: Any, method: str = "fpe", latent_size: tuple[in
     """
     opts = options_for(method, options)
     table = list_layers(pipe_or_unet)
-    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
-    hw = tuple(latent_size) if latent_size is not None else (unet.config.sample_size, unet.config.sample_size)
+    unet = getattr(pipe_or_unet, "unet", None) or getattr(pipe_or_unet, "transformer", None) or pipe_or_unet
+    side = getattr(unet.config, "sample_size", None) or getattr(pipe_or_unet, "default_sample_size", 64)
+    hw = tuple(latent_size) if latent_size is not None else (side, side)
     names = set()
     for _, sel in _selectors(method, opts, table, hw, _limits(method, opts, table, hw)):
         names |= {i.name for i in sel.match(table)}
@@ -500,8 +633,9 @@ class InjectKV(_InjectRows):
 class CrossMapEdit(Controller):
     """Prompt-to-Prompt on cross-attention maps of each target prompt ``t`` (branch per the selector).
 
-    ``mapper[t]``: ``(77,)`` source token index for each target token; ``alpha[t]``: ``(77,)`` 1 where the
-    target token takes the source's (mapped) map, 0 where it keeps its own; ``scale[t]``: ``(77,)`` factors
+    ``mapper[t]``: ``(77,)`` source token index for each target token, or ``None``: every key takes the source's
+    map of the same key (word swap on a transformer, whose text keys may be 77 CLIP plus T5 tokens);
+    ``alpha[t]``: ``(77,)`` 1 where the target token takes the source's (mapped) map, 0 where it keeps its own; ``scale[t]``: ``(77,)`` factors
     applied afterwards (reweighting). ``window``: a fraction range ``(lo, hi)`` of the schedule counted as
     the reference code counts it (``attnlens._methods.p2p_cross_steps``, over ``n + 1`` entries); ``None``: the
     selector's steps.
@@ -527,7 +661,9 @@ class CrossMapEdit(Controller):
             for b, t in todo:
                 s_row, t_row = site.row(0, b), site.row(t, b)
                 cur = probs[t_row]
-                if t in self.mapper:
+                if t in self.mapper and self.mapper[t] is None:  # word swap over every key (transformers)
+                    cur = probs[s_row]
+                elif t in self.mapper:
                     a = self.alpha[t].to(probs.device)
                     cur = probs[s_row][..., self.mapper[t].to(probs.device)] * a + cur * (1 - a)
                 if t in self.scale:

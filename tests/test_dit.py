@@ -5,6 +5,8 @@ word maps, and clear errors for what is not supported."""
 
 import functools
 
+import PIL.Image
+
 import pytest
 import torch
 
@@ -207,12 +209,17 @@ def test_the_budget_counts_the_text_keys_of_the_run():
 
 
 # ------------------------------------------------------------------------------------------ what is not supported
-def test_editing_joint_attention_is_refused_clearly():
-    from attnlens import InjectQK, control
+def test_editing_joint_attention_refuses_what_has_no_meaning_there():
+    """On joint attention, map edits act on the image->text view and q/k/v rewrites on the image->image view
+    (attnlens._joint); the other pairings are refused before anything runs (tests/test_dit_edit.py tests editing)."""
+    from attnlens import CopyMap, InjectQK, control
 
     pipe = _pipe("flux")
-    with pytest.raises(AttnlensError, match="editing joint attention"):
-        with control(pipe, InjectQK(Selector(layers="joint.0.self"))):
+    with pytest.raises(AttnlensError, match=r"joint\.0\.self: CopyMap edits the attention map.*\*\.cross"):
+        with control(pipe, CopyMap(Selector(layers="joint.0.self"))):
+            pass
+    with pytest.raises(AttnlensError, match=r"joint\.0\.cross: InjectQK rewrites q, k, v.*\*\.self"):
+        with control(pipe, InjectQK(Selector(layers="joint.0.cross"))):
             pass
     assert all(type(p).__name__ == "FluxAttnProcessor" for p in processors(pipe).values())
 
@@ -228,7 +235,7 @@ def test_unsupported_transformers_name_what_is_supported():
                                             ".*FluxTransformer2DModel.*SANA"):
         layers(fake)
     with pytest.raises(AttnlensError, match="transformer denoiser.*needs a UNet2DConditionModel"):
-        attnlens.edit(_pipe("pixart"), "a red star", "a blue star", method="fpe")
+        attnlens.edit_image(_pipe("pixart"), PIL.Image.new("RGB", (16, 16)), "a blue star", num_inference_steps=2)
 
 
 def test_load_pipeline_loads_a_saved_transformer_pipeline(tmp_path):
