@@ -16,6 +16,10 @@ Peak memory, per mode:
 
 Models (``--arch``):
 - ``default``: the embedded Shapes model if present (or --model), else the tiny test pipeline.
+- ``pixart``, ``sd3``, ``flux``: the tiny random transformer pipelines of the tests (:mod:`attnlens._testing`:
+  16x16 images, a 4x4 token grid, two or three blocks). On models this small the hooks' fixed Python cost per
+  layer call weighs far more than on a real one, so their ratio is an upper bound for the mechanism, not a
+  figure for PixArt, SD3 or Flux at their sizes.
 - ``sd15``: Stable Diffusion 1.5's architecture with random weights, built in code from the published
   configs (UNet 320/640/1280/1280, CLIP ViT-L/14 text encoder, SD's VAE), at --resolution (512 by
   default) in fp16 on CUDA. Meant for a GPU; on CPU it runs in fp32 only at a small --resolution (for
@@ -26,6 +30,7 @@ Writes benchmarks/results/capture_overhead.json (``--arch sd15``: capture_overhe
     python -m benchmarks.capture_overhead                 # embedded model if present, else the tiny test pipeline
     python -m benchmarks.capture_overhead --model PATH    # any local diffusers folder or hub id
     python -m benchmarks.capture_overhead --arch sd15     # on a GPU: SD 1.5 at 512x512, fp16, random weights
+    python -m benchmarks.capture_overhead --arch pixart   # a tiny transformer (also sd3, flux): capture_overhead_pixart.json
 """
 
 from __future__ import annotations
@@ -69,6 +74,13 @@ MODES = {
 }
 
 
+DITS = ("pixart", "sd3", "flux")
+
+
+def denoiser(pipe):
+    return getattr(pipe, "unet", None) or pipe.transformer
+
+
 def sd15_pipeline(device: torch.device, dtype: torch.dtype):
     """SD 1.5's architecture with random weights (built on ``device`` directly: fast on a GPU)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -99,6 +111,11 @@ def build(args) -> tuple:
         pipe = sd15_pipeline(device, dtype)
         name = f"SD 1.5 architecture, random weights, {args.resolution}x{args.resolution}, {str(dtype).split('.')[-1]}"
         height = args.resolution
+    elif args.arch in DITS:
+        from attnlens import _testing
+
+        pipe = getattr(_testing, f"tiny_{args.arch}_pipeline")().to(device, dtype)
+        name, height = f"tiny {args.arch} test pipeline (random weights, 16x16 images, 4x4 token grid)", None
     elif args.model or (EMBEDDED_MODEL / "model_index.json").exists():
         pipe = attnlens.load_pipeline(args.model, device=device)
         name, height = str(args.model or "embedded Shapes model"), None
@@ -111,13 +128,15 @@ def build(args) -> tuple:
 
 def generator(pipe, args):
     prompts = ["a red star on the left"] * args.batch
+    extra = {"use_resolution_binning": False, "clean_caption": False} if args.arch == "pixart" else {}
+    extra.update({"max_sequence_length": 32} if args.arch in ("sd3", "flux") else {})
 
     def generate():
         with warnings.catch_warnings():  # random fp16 weights may overflow in the VAE: irrelevant to timing
             warnings.simplefilter("ignore", RuntimeWarning)
             return pipe(prompts, height=args.height, width=args.height, num_inference_steps=args.steps,
                         guidance_scale=7.5, output_type="np",
-                        generator=torch.Generator(device=pipe.device).manual_seed(0))
+                        generator=torch.Generator(device=pipe.device).manual_seed(0), **extra)
 
     return generate
 
@@ -195,7 +214,7 @@ def memory_cuda(pipe, generate) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
-    ap.add_argument("--arch", choices=["default", "sd15"], default="default")
+    ap.add_argument("--arch", choices=["default", "sd15", *DITS], default="default")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--resolution", type=int, default=512, help="image side for --arch sd15 (default 512)")
     ap.add_argument("--steps", type=int, default=25)
@@ -208,7 +227,7 @@ def main() -> None:
         memory_child(args)
         return
     out_path = args.out or ROOT / "benchmarks" / "results" / (
-        "capture_overhead_sd15.json" if args.arch == "sd15" else "capture_overhead.json")
+        "capture_overhead.json" if args.arch == "default" else f"capture_overhead_{args.arch}.json")
     pipe, name, args.height = build(args)
     generate = generator(pipe, args)
     cuda = pipe.device.type == "cuda"
@@ -230,8 +249,9 @@ def main() -> None:
     base = statistics.median(times["plain"])
     memory = memory_cuda(pipe, generate) if cuda else memory_cpu(args)
     result = {
-        "model": name, "device": str(pipe.device), "dtype": str(pipe.unet.dtype).split(".")[-1],
-        "image_size": args.height or pipe.unet.config.sample_size * pipe.vae_scale_factor,
+        "model": name, "device": str(pipe.device), "dtype": str(denoiser(pipe).dtype).split(".")[-1],
+        "image_size": args.height or (getattr(pipe, "default_sample_size", None)
+                                      or denoiser(pipe).config.sample_size) * pipe.vae_scale_factor,
         "steps": args.steps, "batch": args.batch, "repeats": args.repeats,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads"
                    + (f", {torch.cuda.get_device_name()}" if cuda else ""),
