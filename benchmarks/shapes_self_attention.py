@@ -249,15 +249,19 @@ def main(argv: list[str] | None = None) -> None:
 
     folder = args.model or os.environ.get("ATTNLENS_MODEL")
     training = Path(folder or attnlens._pipeline.EMBEDDED_MODEL) / "training.json"
-    step = json.loads(training.read_text()).get("unet_step") if training.exists() else None
+    trained = json.loads(training.read_text()) if training.exists() else {}
+    step = trained.get("unet_step")
+    weights = {True: "ema", False: "raw"}.get(trained.get("ema"))
     cmd = "python -m benchmarks.shapes_self_attention" + " ".join(
         [""] + [a for a in (argv if argv is not None else sys.argv[1:])])
     record = {
-        "command": cmd, "model": str(folder or "embedded Shapes model"), "unet_step": step,
+        "command": cmd, "model": str(folder or "embedded Shapes model"), "unet_step": step, "weights": weights,
         "settings": {"num_inference_steps": STEPS, "guidance_scale": GUIDANCE, "prompts": args.prompts,
                      "seeds": args.seeds, "edit_seeds_per_kind": None if args.ablation_only else args.edit_seeds,
                      "edit_kinds": list(EDIT_KINDS), "under_specified_mentions": list(UNDER),
                      "move_px": MOVE_PX, "area_tolerance": AREA_TOL, "scene_seed": SCENE_SEED,
+                     "structure_rule": "centroid within move_px; area within area_tolerance of the ratio the shapes "
+                                       "read in both images bring (attnlens.shapes.editbench.structure_of)",
                      "fpe_layers": attnlens.default_layers(pipe, "fpe")},
         "versions": {"attnlens": attnlens.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                      "python": platform.python_version(), "platform": platform.platform()},

@@ -56,6 +56,12 @@ def row(label: str, run: Path, step: int) -> tuple[dict, dict]:
         out["fpe_kept"] = round(t["fpe_keeps_structure"]["kept"], 3)
         out["fpe_success"] = round(t["fpe_keeps_structure"]["success"], 3)
         out["edit_pairs_with_source_object"] = f"{t['free_structure']['n']}/{t['free_structure']['pairs']}"
+        # records before the shape-aware area rule judged a shape swap by the raw area ratio
+        out["structure_rule"] = "shape-aware area" if "structure_rule" in rec["settings"] else "raw area"
+    for name, d in (rec.get("diagnostics") or {}).items():
+        out[f"{name}_kept"] = round(d["kept"], 3)
+        out[f"{name}_success"] = round(d["success"], 3)
+    out["weights"] = rec.get("weights") or "raw"  # the records before this field were all of raw weights
     return out, rec
 
 
