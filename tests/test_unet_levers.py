@@ -43,3 +43,22 @@ def test_a_run_keeps_its_levers_when_resumed_without_flags(tmp_path):
     train.main(["unet", "--tiny", "--workdir", str(elsewhere), "--steps", "3", "--save-every", "1"])
     meta = json.loads((elsewhere / "unet.safetensors.json").read_text())["meta"]
     assert meta["step"] == 3 and meta["config"]["attention_levels"] == [0, 1, 2]
+
+
+def test_image_size_renders_the_world_larger_for_the_unet_through_the_same_vae(tmp_path):
+    import attnlens
+    from attnlens.shapes import ShapesDataset
+
+    assert ShapesDataset(4, seed=1, size=128)[0]["pixels"].shape == (3, 128, 128)
+    assert ShapesDataset(4, seed=1, size=128)[0]["prompt"] == ShapesDataset(4, seed=1)[0]["prompt"]  # same scenes
+    work = tmp_path / "run"
+    train.main(["vae", "--tiny", "--workdir", str(work), "--steps", "1", "--save-every", "1", "--eval-every", "1000"])
+    train.main(["unet", "--tiny", "--workdir", str(work), "--steps", "1", "--save-every", "1", "--image-size", "128"])
+    train.main(["unet", "--tiny", "--workdir", str(work), "--steps", "2", "--save-every", "1"])  # resumed: kept
+    meta = json.loads((work / "unet.safetensors.json").read_text())["meta"]
+    assert meta["step"] == 2 and meta["config"]["image_size"] == 128
+    pipe = attnlens.load_pipeline(train.export(work, tmp_path / "pipe"), device="cpu")
+    assert pipe.unet.config.sample_size == 32  # the tiny VAE downsamples by 4: 128 -> 32
+    assert max(max(i.resolution) for i in attnlens.layers(pipe)) == 32
+    image = pipe("a red star", num_inference_steps=1).images[0]
+    assert image.size == (128, 128)

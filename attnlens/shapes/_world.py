@@ -299,8 +299,8 @@ class ShapesDataset:
     """A deterministic, indexable stream of rendered examples (a map-style torch dataset).
 
     Item ``i`` depends only on ``(seed, i)``, so any worker or resumed run sees the same data.
-    Each item is ``{"pixels": float32 (3, 64, 64) in [-1, 1], "mask": bool (64, 64), "prompt": str,
-    **attributes}``.
+    Each item is ``{"pixels": float32 (3, size, size) in [-1, 1], "mask": bool (size, size), "prompt": str,
+    **attributes}``; ``size`` (default 64) renders the same scenes at another resolution.
 
     Example:
         >>> ds = ShapesDataset(1000, seed=0)
@@ -309,9 +309,12 @@ class ShapesDataset:
         ((3, 64, 64), True)
     """
 
-    def __init__(self, length: int, seed: int = 0) -> None:
+    def __init__(self, length: int, seed: int = 0, size: int = IMAGE_SIZE) -> None:
         self.length = int(length)
         self.seed = int(seed)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 16:
+            raise AttnlensError(f"size must be an int of at least 16 pixels, not {size!r}")
+        self.size = size
 
     def __len__(self) -> int:
         return self.length
@@ -323,7 +326,7 @@ class ShapesDataset:
 
     def __getitem__(self, index: int) -> dict:
         ex = self.example(index)
-        image, mask = render(ex.scene)
+        image, mask = render(ex.scene, self.size)
         pixels = image.astype(np.float32).transpose(2, 0, 1) / 127.5 - 1.0
         return {"pixels": pixels, "mask": mask, "prompt": ex.prompt, **ex.scene.attributes()}
 

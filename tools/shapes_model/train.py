@@ -114,9 +114,13 @@ class UNetConfig:
     # up blocks have attention, () = every level but the lowest (SD's layout; the mid block always has it)
     transformer_layers: int = 1
     attention_levels: tuple[int, ...] = ()
+    # the size the world is rendered at for the UNet (the VAE stays the one trained at 64x64: it is fully
+    # convolutional, and benchmarks/shapes_vae_scale.py measures how well it carries 128x128 renders). 128
+    # gives 32x32 latents, so attention sits at 32/16/8 as Stable Diffusion's at 64/32/16
+    image_size: int = 64
 
 
-ARCHITECTURE = ("layers_per_block", "transformer_layers", "attention_levels")
+ARCHITECTURE = ("layers_per_block", "transformer_layers", "attention_levels", "image_size")
 """UNet fields a new run takes from the command line and a resumed run from its checkpoint."""
 
 
@@ -322,12 +326,17 @@ def _load_vae(workdir: Path):
 
 
 @torch.no_grad()
-def latent_scale(vae, n: int = 512, seed: int = 20_000) -> float:
-    """1 / std of the VAE's latents over ``n`` renders: Stable Diffusion's ``scaling_factor``."""
-    ds = ShapesDataset(n, seed=seed)
+def latent_scale(vae, n: int = 512, seed: int = 20_000, size: int = 64) -> float:
+    """1 / std of the VAE's latents over ``n`` renders at ``size``: Stable Diffusion's ``scaling_factor``."""
+    ds = ShapesDataset(n, seed=seed, size=size)
     x = torch.from_numpy(np.stack([ds[i]["pixels"] for i in range(n)]))
     z = torch.cat([vae.encode(x[i : i + 64]).latent_dist.mode() for i in range(0, n, 64)])
     return float(1.0 / z.std())
+
+
+def _latent_side(vae, cfg: UNetConfig) -> int:
+    """The latent grid side of ``cfg.image_size`` renders through ``vae`` (it halves the side per level)."""
+    return cfg.image_size // 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def _text_layers(text: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -395,7 +404,7 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
     text = build_text_encoder(cfg)
     if cfg.text_table_steps:
         start_as_word_table(text)  # a resumed run loads its trained weights over this
-    unet = build_unet(cfg, latent_channels=vae.config.latent_channels)
+    unet = build_unet(cfg, latent_channels=vae.config.latent_channels, sample_size=_latent_side(vae, cfg))
     ema_text, ema_unet = copy.deepcopy(text).requires_grad_(False), copy.deepcopy(unet).requires_grad_(False)
     params = list(text.parameters()) + list(unet.parameters())
     opt = _adamw(params, lr=cfg.lr, weight_decay=1e-2)
@@ -430,11 +439,11 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
     else:
         cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
     if scale is None:
-        scale = latent_scale(vae) * cfg.latent_std
+        scale = latent_scale(vae, size=cfg.image_size) * cfg.latent_std
     noise_sched = build_scheduler(cfg.prediction_type)
     alphas = noise_sched.alphas_cumprod
     snr = alphas / (1 - alphas)
-    ds = ShapesDataset(10**9, seed=seed + 1)
+    ds = ShapesDataset(10**9, seed=seed + 1, size=cfg.image_size)
     log = workdir / "unet_log.jsonl"
     t0 = time.time()
     layers = _text_layers(text)
@@ -599,7 +608,8 @@ def export(workdir: Path, out: Path, use_ema: bool = True) -> Path:
     ckpt = workdir / "unet.safetensors"
     meta = json.loads(ckpt.with_name(ckpt.name + ".json").read_text())["meta"]
     cfg = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
-    text, unet = build_text_encoder(cfg), build_unet(cfg, latent_channels=vae.config.latent_channels)
+    text, unet = build_text_encoder(cfg), build_unet(cfg, latent_channels=vae.config.latent_channels,
+                                                     sample_size=_latent_side(vae, cfg))
     key = ("ema_text", "ema_unet") if use_ema else ("text", "unet")
     load_checkpoint(ckpt, {key[0]: text, key[1]: unet}, {})
     vae.register_to_config(scaling_factor=meta["scaling_factor"])
@@ -754,6 +764,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attention-levels", type=int, nargs="+", default=None,
                         help="unet, new runs: the levels whose blocks have attention, 0 = the latent grid (default: all "
                         "but the lowest)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="unet (new runs): render the world at this size for the UNet (default 64; 128 gives "
+                             "32x32 latents through the same VAE)")
     parser.add_argument("--out", type=Path, help="export, card: the diffusers folder to write")
     parser.add_argument("--raw", action="store_true",
                         help="export: the raw weights instead of their EMA (early in a run the EMA still "
@@ -778,7 +791,8 @@ def main(argv: list[str] | None = None) -> None:
                   args.save_every, args.eval_every)
     elif args.stage == "unet":
         arch = {"layers_per_block": args.layers_per_block, "transformer_layers": args.transformer_layers,
-                "attention_levels": tuple(args.attention_levels) if args.attention_levels else None}
+                "attention_levels": tuple(args.attention_levels) if args.attention_levels else None,
+                "image_size": args.image_size}
         cfg = replace(TINY_UNET if args.tiny else UNetConfig(), **{k: v for k, v in arch.items() if v is not None})
         train_unet(args.workdir, args.steps, cfg, args.seed, args.save_every,
                    snr_floor=args.snr_floor, latent_std=args.latent_std,
