@@ -50,6 +50,7 @@ import torch
 
 import attnlens
 from attnlens import shapes
+from attnlens._identity import fingerprint
 from attnlens.shapes import editbench
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -256,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
         [""] + [a for a in (argv if argv is not None else sys.argv[1:])])
     record = {
         "command": cmd, "model": str(folder or "embedded Shapes model"), "unet_step": step, "weights": weights,
+        # the card shows the targets only for these weights (a --quick slice is not a record of the model)
+        "model_fingerprint": fingerprint(folder or attnlens._pipeline.EMBEDDED_MODEL), "quick": bool(args.quick),
         "settings": {"num_inference_steps": STEPS, "guidance_scale": GUIDANCE, "prompts": args.prompts,
                      "seeds": args.seeds, "edit_seeds_per_kind": None if args.ablation_only else args.edit_seeds,
                      "edit_kinds": list(EDIT_KINDS), "under_specified_mentions": list(UNDER),

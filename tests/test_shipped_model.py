@@ -269,6 +269,30 @@ def test_card_shows_the_probing_verdicts_as_recorded_and_only_for_these_weights(
     assert "the paper's claims, tested" not in render_card(copy, tmp_path / "absent.json", probing_path=path)
 
 
+def test_card_shows_the_self_attention_targets_only_for_a_full_run_on_these_weights(copy, tmp_path):
+    _as_export(copy)
+    record = {"command": "python -m benchmarks.shapes_self_attention", "model_fingerprint": fingerprint(copy),
+              "quick": False, "diagnostics": {"fpe_every_level": {"kept": 0.5, "success": 0.9, "n": 18}},
+              "targets": {"load_bearing_self_attention": {"rule": "r1", "readings_changed": 2, "images": 12,
+                                                          "pass": False},
+                          "free_structure": {"rule": "r2", "kept": 0.33, "n": 18, "pass": True},
+                          "fpe_keeps_structure": {"rule": "r3", "kept": 0.39, "success": 1.0, "n": 18, "pass": False}},
+              "ablation": [{"group": "self 8x8", "n_layers": 5, "pixel_change": 0.004, "readings_changed": 0,
+                            "images": 12}]}
+    path, table = tmp_path / "sa.json", tmp_path / "candidates.csv"
+    path.write_text(json.dumps(record))
+    table.write_text("run,recipe,unet_step,fpe_self_pixel_change,fpe_self_readings_changed,none_kept,fpe_kept,"
+                     "fpe_success\ncandB,--layers-per-block 1,300,0.0783,6/8,0.333,0.333,0.667\n")
+    card = render_card(copy, tmp_path / "absent.json", self_attention_path=path, candidates_path=table)
+    assert "| load-bearing self-attention | r1 | 2 of 12 readings changed | **not met** |" in card
+    assert "| FPE keeps structure | r3 |" in card and "fpe every level (not a target)" in card
+    assert "| candB | --layers-per-block 1 | 300 | raw | 0.0783 | 6/8 | 0.333 | 0.333 | 0.667 |" in card
+    for change in ({"model_fingerprint": "0" * 64}, {"quick": True}):  # other weights, or a slice: not shown
+        path.write_text(json.dumps({**record, **change}))
+        assert "Does the model use its self-attention?" not in render_card(
+            copy, tmp_path / "absent.json", self_attention_path=path, candidates_path=table)
+
+
 def test_text_path_current_says_whether_the_record_fits_the_folder(copy, tmp_path):
     """The tool verb rebench.sh asks before skipping the text-path benchmark: yes only for the VAE, tokenizer
     and scheduler the record was measured on; a new UNet keeps it, a new VAE does not."""

@@ -32,6 +32,8 @@ CONDITIONING = RESULTS_DIR / "shapes_conditioning.json"
 POSITION_DIAGNOSIS = RESULTS_DIR / "shapes_position_diagnosis.json"
 TEXT_PATH = RESULTS_DIR / "shapes_text_path.json"
 PROBING = RESULTS_DIR / "probing_study.json"
+SELF_ATTENTION = RESULTS_DIR / "shapes_self_attention.json"
+CANDIDATES = RESULTS_DIR / "shapes_self_attention_candidates.csv"
 # what benchmarks/shapes_text_path.py takes from a model folder (it trains its own UNets and text encoders):
 # its record stays valid for a new UNet or text encoder trained on the same VAE
 TEXT_PATH_INPUTS = ("vae", "tokenizer", "scheduler")
@@ -232,6 +234,51 @@ def _probing_section(study: dict | None, folder: Path) -> list[str]:
     return lines
 
 
+def _self_attention_section(record: dict | None, folder: Path, candidates: Path) -> list[str]:
+    """Issue 17's targets (does the model use its self-attention, and does FPE keep structure on it?) as
+    benchmarks/shapes_self_attention.py recorded them for these weights (a full run, not ``--quick``), the
+    ablation per level, and the table of candidate recipes tried so far."""
+    if record is None or record.get("model_fingerprint") != fingerprint(folder) or record.get("quick"):
+        return []
+    t = record["targets"]
+    lines = ["", "### Does the model use its self-attention? (the paper's editing finding, tested)", "",
+             f"`{record['command']}`: fully described prompts generated with groups of attention layers zeroed, and "
+             "under-specified edits (position and size unnamed) made with `none` and `fpe`. Each target is a rule "
+             "fixed before the run.", "", "| target | rule | measured | met |", "| --- | --- | --- | --- |"]
+    if "load_bearing_self_attention" in t:
+        x = t["load_bearing_self_attention"]
+        lines.append(f"| load-bearing self-attention | {x['rule']} | {x['readings_changed']} of {x['images']} readings "
+                     f"changed | {_mark(x['pass'])} |")
+    if "free_structure" in t:
+        x = t["free_structure"]
+        lines.append(f"| free structure | {x['rule']} | `none` kept {_pct(x['kept'])} of {x['n']} | {_mark(x['pass'])} |")
+    if "fpe_keeps_structure" in t:
+        x = t["fpe_keeps_structure"]
+        lines.append(f"| FPE keeps structure | {x['rule']} | kept {_pct(x['kept'])}, edit read as the target "
+                     f"{_pct(x['success'])} of {x['n']} | {_mark(x['pass'])} |")
+    for name, x in (record.get("diagnostics") or {}).items():
+        lines.append(f"| diagnostic: {name.replace('_', ' ')} (not a target) | - | kept {_pct(x['kept'])}, "
+                     f"success {_pct(x['success'])} of {x['n']} | - |")
+    lines += ["", "Ablation (mean absolute pixel change 0..1; oracle readings changed):", "",
+              "| layers zeroed | layers | pixel change | readings changed |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['group']} | {r['n_layers']} | {r['pixel_change']:.3f} | {r['readings_changed']} of {r['images']} |"
+              for r in record["ablation"]]
+    if candidates.exists():
+        import csv
+
+        with candidates.open() as f:
+            rows = list(csv.DictReader(f))
+        if rows:
+            lines += ["", f"Candidate recipes tried for a model whose self-attention carries the layout "
+                          f"(`benchmarks/results/{candidates.name}`, short runs; see its .md for how each was run):", "",
+                      "| run | recipe | UNet step | weights | FPE layers zeroed: pixel change | readings changed | "
+                      "`none` kept | `fpe` kept | `fpe` success |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            lines += [f"| {r['run']} | {r['recipe']} | {r['unet_step']} | {r.get('weights') or 'raw'} | "
+                      f"{r.get('fpe_self_pixel_change', '')} | {r.get('fpe_self_readings_changed', '')} | "
+                      f"{r.get('none_kept', '')} | {r.get('fpe_kept', '')} | {r.get('fpe_success', '')} |" for r in rows]
+    return lines
+
+
 POSITION_USED_GAP = 0.01
 """A model uses its position words when, at some noise level, the lower end of the 95% interval of
 benchmarks/shapes_conditioning.py's position gap is above this (1% of the denoising error)."""
@@ -336,7 +383,8 @@ def _change(key: str, old, new) -> str:
 
 def render_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_path: str | Path = ORACLE_RESULTS,
                 conditioning_path: str | Path = CONDITIONING, diagnosis_path: str | Path = POSITION_DIAGNOSIS,
-                text_path_path: str | Path = TEXT_PATH, probing_path: str | Path = PROBING) -> str:
+                text_path_path: str | Path = TEXT_PATH, probing_path: str | Path = PROBING,
+                self_attention_path: str | Path = SELF_ATTENTION, candidates_path: str | Path = CANDIDATES) -> str:
     """The card's Markdown text for the exported model in ``folder``."""
     folder, results_path = Path(folder), Path(results_path)
     training = _read_json(folder / "training.json")
@@ -477,6 +525,7 @@ def render_card(folder: str | Path, results_path: str | Path = RESULTS, oracle_p
         *quality,
         *_conditioning_section(_read_json(Path(conditioning_path)), folder),
         *_probing_section(_read_json(Path(probing_path)), folder),
+        *_self_attention_section(_read_json(Path(self_attention_path)), folder, Path(candidates_path)),
         *_position_section(_read_json(Path(diagnosis_path)), folder, _read_json(Path(text_path_path)),
                            position_words_used(_read_json(Path(conditioning_path)), folder)),
     ]
