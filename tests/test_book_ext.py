@@ -112,3 +112,22 @@ def test_the_outputs_notebook_is_written_from_myst_nbs_files(tmp_path):
     assert 'os.environ.get("ATTNLENS_SOURCE", "attnlens[book] @ git+https://example.org/a.git@main")' in \
         written["cells"][0]["source"]
     assert "{glue" not in out.read_text()
+
+
+def test_plotly_figures_get_plotlys_own_mime_type_for_jupyterlab():
+    """The build's figures are HTML without plotly.js (the site loads it once); the outputs notebook also gives
+    each the figure itself, read back from its Plotly.newPlot call, with its frames."""
+    import plotly.graph_objects as go
+    from plotly.io import to_html
+
+    fig = go.Figure(go.Scatter(x=[1, 2], y=[3, 4]), frames=[go.Frame(data=[go.Scatter(y=[5, 6])], name="f1")])
+    fig.update_layout(title="shape from the map")
+    html = to_html(fig, include_plotlyjs=False, full_html=False, include_mathjax=False)
+    nb = notebook([], [{"output_type": "display_data", "metadata": {}, "data": {"text/html": html}},
+                       {"output_type": "display_data", "metadata": {}, "data": {"text/html": "<b>no figure</b>"}}])
+    assert ext.plotly_json(nb) == 1
+    first, second = (o["data"] for o in nb["cells"][0]["outputs"])
+    figure = first[ext.PLOTLY_MIME]
+    assert figure["data"][0]["y"] == [3, 4] and figure["layout"]["title"]["text"] == "shape from the map"
+    assert [f["name"] for f in figure["frames"]] == ["f1"] and first["text/html"] == html
+    assert ext.PLOTLY_MIME not in second and ext.plotly_json(nb) == 0  # once only

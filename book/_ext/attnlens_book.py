@@ -18,7 +18,9 @@ de-duplicated (same file or same inline body, same attributes) before it is writ
   ``{glue}``, ``{glue:any}``, ``{glue:text}`` and ``{glue:md}`` role of its Markdown cells replaced by the
   glued value's text (:func:`paste_glue`), written to ``_notebooks/<page>.outputs.ipynb``: it reads right
   in JupyterLab or Colab without running (nothing there renders MyST roles; issue 21). A role whose key
-  was never glued fails the build, naming the page and the key. Not written when execution is off.
+  was never glued fails the build, naming the page and the key. Its plotly figures also carry plotly's
+  own MIME type (:func:`plotly_json`), so JupyterLab draws them without the site's plotly.js. Not written
+  when execution is off.
 - **Colab**: when the book is built with ``$ATTNLENS_REPO_URL`` set to the GitHub repository it is
   published from, the same ``_notebooks/`` copy on the branch the site is published to
   (``$ATTNLENS_PAGES_BRANCH``, default ``gh-pages``: publish ``_build/html/`` at that branch's root).
@@ -216,6 +218,54 @@ def paste_glue(executed: dict, data: dict[str, dict], page: str = "notebook") ->
     return executed
 
 
+PLOTLY_MIME = "application/vnd.plotly.v1+json"
+_NEW_PLOT = re.compile(r"Plotly\.newPlot\(\s*\"[^\"]*\"\s*,\s*")
+_ADD_FRAMES = re.compile(r"Plotly\.addFrames\(\s*'[^']*'\s*,\s*")
+
+
+def _json_args(text: str, start: int, n: int) -> list:
+    """``n`` JSON values separated by commas in ``text`` from ``start`` (the arguments of a JS call)."""
+    decoder, values, i = json.JSONDecoder(), [], start
+    for _ in range(n):
+        value, i = decoder.raw_decode(text, i)
+        values.append(value)
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+    return values
+
+
+def plotly_json(executed: dict) -> int:
+    """Give every plotly figure of ``executed`` (changed in place) plotly's own MIME type beside its HTML.
+
+    In the build a figure is HTML that expects the page's one copy of plotly.js, so in a notebook it draws
+    nothing; with ``application/vnd.plotly.v1+json`` (data, layout, config and frames read back from the
+    figure's ``Plotly.newPlot`` call) JupyterLab's plotly renderer draws it, trusted or not. Returns how many
+    figures got it; a figure whose call cannot be read keeps its HTML only.
+
+    >>> html = '<div class="plotly-graph-div"></div><script>Plotly.newPlot("x", [{"y": [1]}], {"title": "t"}, {})</script>'
+    >>> nb = {"cells": [{"cell_type": "code", "outputs": [{"output_type": "display_data", "data": {"text/html": html}}]}]}
+    >>> plotly_json(nb), nb["cells"][0]["outputs"][0]["data"][PLOTLY_MIME]["layout"]
+    (1, {'title': 't'})
+    """
+    done = 0
+    for cell in executed.get("cells", []):
+        for out in cell.get("outputs", []) if cell.get("cell_type") == "code" else []:
+            bundle = out.get("data") or {}
+            html = _text(bundle.get("text/html", ""))
+            if 'class="plotly-graph-div"' not in html or PLOTLY_MIME in bundle or not (call := _NEW_PLOT.search(html)):
+                continue
+            try:
+                data, layout, config = _json_args(html, call.end(), 3)
+                figure = {"data": data, "layout": layout, "config": config}
+                if frames := _ADD_FRAMES.search(html, call.end()):
+                    figure["frames"] = _json_args(html, frames.end(), 1)[0]
+            except (ValueError, IndexError):
+                continue
+            bundle[PLOTLY_MIME] = figure
+            done += 1
+    return done
+
+
 def _executed(app: Sphinx, docname: str) -> Path:
     return Path(app.outdir).parent / EXECUTED_DIR / f"{docname}.ipynb"
 
@@ -232,6 +282,7 @@ def write_outputs_notebook(executed_path: Path, out: Path, page: str, source: st
     glue_file = executed_path.with_name(executed_path.name.removesuffix(".ipynb") + ".glue.json")
     glue_json = json.loads(glue_file.read_text(encoding="utf8")) if glue_file.is_file() else None
     paste_glue(nb, glue_data(nb, glue_json), page)
+    plotly_json(nb)
     for cell in nb.get("cells", []):
         if cell.get("cell_type") == "code" and source:
             text = _text(cell.get("source", ""))
