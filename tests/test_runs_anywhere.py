@@ -56,12 +56,14 @@ def test_wheel_ships_the_results_and_a_plain_install_finds_them(tmp_path):
     assert recorded and {f"attnlens/results/{n}" for n in recorded} <= names
     assert not [n for n in names if n.startswith("benchmarks/") or (n.startswith("attnlens/results/") and n.endswith(".py"))]
     assert "attnlens/models/shapes/tokenizer/vocab.json" in names
+    assert "attnlens/shapes/probestudy.py" in names  # chapter 5's recipe (benchmarks/probing_study.py is not shipped)
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
                    check=True, capture_output=True)
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    code = ("import attnlens, pathlib; d = attnlens.results_dir('shapes_quality.json'); "
+    code = ("import attnlens, pathlib; from attnlens.shapes import probestudy; "
+            "d = attnlens.results_dir('shapes_quality.json'); assert probestudy.balanced_scenes(4, 0); "
             "print(pathlib.Path(attnlens.__file__).parent, d)")
     out = subprocess.run([sys.executable, "-c", code], cwd=outside, capture_output=True, text=True, check=True,
                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}).stdout.split()
