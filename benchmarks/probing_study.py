@@ -1,6 +1,10 @@
 """The probing study (issues 5, 20): what do attention maps of the Shapes model carry, and can the paper's
 claims about them fail here?
 
+The study's recipe (the prompt list, ``WORDS``, ``FEATURES``, the oracle's labels, ``CONTROL_BY``, the text-only
+baseline, ``CLAIMS`` and the verdict rules) is :mod:`attnlens.shapes.probestudy`, in the package, so the book's
+chapter re-runs a slice of it from a plain ``pip install``; this script collects, analyses and records.
+
 Liu et al. (CVPR 2024) report that a probe on a token's cross-attention map tells the object's category
 and colour, and one on self-attention maps mostly cannot (self-attention carries layout). Here, on the
 Shapes model, for each attribute (shape, colour, size, position, background) and each feature
@@ -64,116 +68,19 @@ import pandas as pd
 import torch
 
 import attnlens
-from attnlens import Selector, shapes
+from attnlens import Selector
 from attnlens._probing import _control_labels, _control_types, _splits, fold_scores, t_interval
-from attnlens.shapes import oracle
+# The recipe (prompts, words, features, labels, control tasks, text-only baseline, claims) lives in the package, so
+# the book's chapter 5 runs from a pip install; this script collects, analyses and records the study with it.
+from attnlens.shapes.probestudy import (ATTRS, CLAIMS, CONTROL_BY, FEATURES, SCENE_SEED, SEEN, SPLIT_SEED, TEXT,
+                                        WORDS, balanced_scenes, claim_verdict, seen, text_only, verdict)
 
-ATTRS = list(shapes.ATTRIBUTES)
-SEEN = ["seen_position", "seen_size"]  # the layout of the generated image, as the oracle reads it
-WORDS = {"shape_word": "{shape}", "colour_word": "{colour}", "end": "<end>"}
-FEATURES = [*WORDS, "self"]
-CONTROL_BY = {"shape_word": "shape", "colour_word": "colour", "end": "seed", "self": "seed"}
-TEXT = "text_encoder"  # the layer name of the text-only baseline's rows
+__all__ = ["ATTRS", "CLAIMS", "CONTROL_BY", "FEATURES", "SCENE_SEED", "SEEN", "SPLIT_SEED", "TEXT", "WORDS",
+           "balanced_scenes", "claim_verdict", "seen", "text_only", "verdict", "PROBES", "halves", "readable",
+           "probe_all", "step_groups", "choose_sites", "held_out", "assess", "step0_lesson", "run_study",
+           "write_results", "main"]
+
 PROBES = ("logreg", "mlp")
-
-SCENE_SEED = 5  # the seed of the study's prompt list (recorded in its JSON; the book's live slice reuses it)
-SPLIT_SEED = 11  # the seed of the selection / evaluation split of the prompts
-
-# The paper's claims as tests, written before the run. Each is "difference > threshold"; the difference's
-# 95% interval over paired held-out folds entirely above the threshold agrees, entirely below disagrees.
-CLAIMS = [
-    {"id": "cross_beyond_text_shape",
-     "claim": "cross-attention of the object word decodes the object's category (shape) beyond the text-only probe",
-     "test": "held-out accuracy, shape word's map (best image-step site) minus text-only probe (same token), shape",
-     "a": ("shape_word", "image"), "b": ("shape_word", "text"), "attribute": "shape", "threshold": 0.02},
-    {"id": "cross_beyond_text_colour",
-     "claim": "cross-attention of the object word decodes the object's colour beyond the text-only probe",
-     "test": "held-out accuracy, shape word's map (best image-step site) minus text-only probe (same token), colour",
-     "a": ("shape_word", "image"), "b": ("shape_word", "text"), "attribute": "colour", "threshold": 0.02},
-    {"id": "self_poor_shape",
-     "claim": "self-attention maps decode the category (shape) poorly compared with cross-attention",
-     "test": "held-out accuracy, shape word's map minus self-attention (best image-step sites), shape",
-     "a": ("shape_word", "image"), "b": ("self", "image"), "attribute": "shape", "threshold": 0.10},
-    {"id": "self_poor_colour",
-     "claim": "self-attention maps decode colour poorly compared with cross-attention",
-     "test": "held-out accuracy, shape word's map minus self-attention (best image-step sites), colour",
-     "a": ("shape_word", "image"), "b": ("self", "image"), "attribute": "colour", "threshold": 0.10},
-    {"id": "self_layout_position",
-     "claim": "self-attention maps decode layout (the position the oracle reads) well",
-     "test": "held-out accuracy of self-attention (best image-step site), seen_position",
-     "a": ("self", "image"), "b": None, "attribute": "seen_position", "threshold": 0.80},
-    {"id": "self_layout_size",
-     "claim": "self-attention maps decode layout (the size the oracle reads) well",
-     "test": "held-out accuracy of self-attention (best image-step site), seen_size",
-     "a": ("self", "image"), "b": None, "attribute": "seen_size", "threshold": 0.80},
-]
-
-
-def balanced_scenes(n: int, seed: int) -> list[shapes.Scene]:
-    """``n`` scenes whose every attribute takes each value equally often (up to rounding), combined at random."""
-    rng = np.random.default_rng(seed)
-    columns = {}
-    for name, values in shapes.ATTRIBUTES.items():
-        col = np.resize(np.array(values), n)
-        rng.shuffle(col)
-        columns[name] = col
-    return [shapes.sample_scene(rng, **{a: str(columns[a][i]) for a in ATTRS}) for i in range(n)]
-
-
-def seen(image) -> dict:
-    r = oracle.read(image)
-    return {"seen_found": r.found, **{f"seen_{a}": r.attributes.get(a, "") for a in ATTRS}}
-
-
-def verdict(row: pd.Series) -> str:
-    """Whether one probe row decodes its attribute: **yes** when it beats its control task by >= 0.2 and its
-    interval clears the control, **weak** when by >= 0.1, **no** otherwise (a description of a row, not a claim)."""
-    if row.selectivity >= 0.2 and row.ci_low > row.control:
-        return "yes"
-    return "weak" if row.selectivity >= 0.1 else "no"
-
-
-def claim_verdict(low: float, high: float, threshold: float) -> str:
-    """The claim "difference > threshold": its interval above the threshold agrees, below disagrees."""
-    if not (np.isfinite(low) and np.isfinite(high)):
-        return "inconclusive"
-    if low > threshold:
-        return "agrees"
-    if high < threshold:
-        return "disagrees"
-    return "inconclusive"
-
-
-def text_only(pipe, feats: attnlens.Features, words: dict = WORDS) -> attnlens.Features:
-    """The text-only baseline: the text encoder's output (what the UNet's cross-attention keys and values are
-    computed from) at the same token(s) a word feature reads, averaged over them; no image, no UNet.
-
-    Returns Features with the labels and groups of ``feats`` and keys ``(word feature, "text_encoder", 0)``,
-    ``(n, hidden)`` float32; every seed of a prompt has the same row.
-    """
-    from attnlens._cache import AttentionCache
-
-    y = feats.y
-    prompts = y["prompt"].astype(str).tolist()
-    uniq = list(dict.fromkeys(prompts))
-    first = {p: i for i, p in reversed(list(enumerate(prompts)))}
-    tok = pipe.tokenizer
-    ids = tok(uniq, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-    enc = pipe.text_encoder
-    with torch.no_grad():
-        hidden = torch.cat([enc(ids[i:i + 256].to(enc.device))[0].float().cpu() for i in range(0, len(uniq), 256)]).numpy()
-    cache = AttentionCache({})
-    cache.tokens = [tok.convert_ids_to_tokens(row) for row in ids.tolist()]
-    labels = y[[c for c in y.columns if c not in ("prompt", "seed")]]
-    where = pd.Index(uniq).get_indexer(prompts)
-    X = {}
-    for name, spec in words.items():
-        rows = []
-        for j, p in enumerate(uniq):
-            word = spec.format(**labels.iloc[first[p]].to_dict()) if isinstance(spec, str) and "{" in spec else spec
-            rows.append(hidden[j, cache.token_indices(word, prompt=j)].mean(0))
-        X[(name, TEXT, 0)] = np.stack(rows).astype(np.float32)[where]
-    return attnlens.Features(X, y, feats.groups)
 
 
 def halves(feats: attnlens.Features, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:

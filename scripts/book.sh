@@ -6,6 +6,9 @@
 # Execution: locally a jupyter-cache (_build/.jupyter_cache) keeps unchanged chapters from running again;
 # on CI (CI=true) every chapter runs (force). ATTNLENS_BOOK_EXECUTE=force|cache|off chooses either way.
 # A failing cell fails the build (exit status non-zero) but every other page is still written.
+# Downloads per executable page (book/_ext/attnlens_book.py): _build/html/_notebooks/<page>.ipynb (no outputs,
+# to run) and, when chapters were executed, <page>.outputs.ipynb (the executed notebook with every glued value
+# pasted into its text, to read in JupyterLab or Colab without running).
 # Torch threads: ATTNLENS_THREADS (default: the cores minus one, see attnlens.set_threads).
 # The browser check (headless Chromium: figures and widgets drew, no console error, screenshots) is
 #   .venv-book/bin/python scripts/check_book.py       (needs `apt-get install -y chromium`; CI runs it)

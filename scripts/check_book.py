@@ -7,7 +7,8 @@ Usage: python scripts/check_book.py [--html _build/html] [--out _build/check] [-
    (``<script src="https://...">``, ``<link rel=stylesheet href="//...">``, ...). The book must work
    offline: ipywidgets' JS is vendored (book/_vendor). plotly.js is one file of the site
    (``_static/plotly.min.js``): a page with a plotly figure must load it from there, and no page may
-   inline its own copy (4.8 MB a page).
+   inline its own copy (4.8 MB a page). Every notebook a page offers for download (``_notebooks/*.ipynb``) is
+   in the build, and a notebook with outputs (``*.outputs.ipynb``) shows values, not raw glue roles.
 2. Browser: every page of _toc.yml is opened in headless Chromium with every host name unresolvable
    (so nothing can come from the internet). The Chrome DevTools protocol, spoken over
    ``--remote-debugging-pipe`` with the standard library only, collects console errors, uncaught
@@ -78,6 +79,28 @@ def plotly_problems(html: str, page: Path, root: Path) -> list[str]:
             bad.append("has a plotly figure but does not load _static/plotly.min.js")
         elif not (root / "_static" / "plotly.min.js").is_file():
             bad.append("_static/plotly.min.js is missing from the build")
+    return bad
+
+
+NOTEBOOK_LINK = re.compile(r"href\s*=\s*[\"'](?P<url>[^\"'#?]*_notebooks/[^\"'#?]+\.ipynb)[\"']", re.I)
+GLUE_ROLE = re.compile(r"\{glue(?::[a-z]*)?\}`")  # a role the book's extension pastes into the outputs notebook
+
+
+def notebook_problems(html: str, page: Path) -> list[str]:
+    """The page's notebook downloads: each link's file exists; a notebook with outputs has no raw glue role."""
+    import json
+
+    bad = []
+    for url in dict.fromkeys(m.group("url") for m in NOTEBOOK_LINK.finditer(html)):
+        target = (page.parent / url).resolve()
+        if not target.is_file():
+            bad.append(f"offers {url} but the build has no such notebook")
+        elif target.name.endswith(".outputs.ipynb"):
+            cells = json.loads(target.read_text(encoding="utf8")).get("cells", [])
+            raw = [m.group(0) for c in cells if c.get("cell_type") == "markdown"
+                   for m in GLUE_ROLE.finditer("".join(c.get("source", "")))]
+            if raw:
+                bad.append(f"{url} shows {len(raw)} raw glue role(s) (first: {raw[0]}...)")
     return bad
 
 
@@ -269,9 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     for page in pages:
         html = page.read_text(errors="replace")
         bad = [f"loads from the network: {b}" for b in remote_loads(html)] + plotly_problems(html, page, args.html)
+        bad += notebook_problems(html, page)
         if bad:
             failures.setdefault(str(page.relative_to(args.html)), []).extend(bad)
-    print(f"static: {len(pages)} HTML files, {len(failures)} load something from the network or mishandle plotly.js")
+    print(f"static: {len(pages)} HTML files, {len(failures)} load something from the network, mishandle plotly.js "
+          "or offer a missing or raw notebook")
 
     report: dict = {"static_failures": dict(failures), "pages": {}}
     chapters = toc_pages(args.toc)

@@ -200,6 +200,26 @@ def test_plotly_check_wants_one_site_copy_and_no_inlined_bundle(tmp_path):
         "inlines plotly.js (figures must use the site's _static/plotly.min.js)"]
 
 
+def test_notebook_check_wants_every_offered_notebook_and_no_raw_glue(tmp_path):
+    (tmp_path / "book").mkdir()
+    (tmp_path / "_notebooks" / "book").mkdir(parents=True)
+    page = tmp_path / "book" / "p.html"
+    links = ('<a href="../_notebooks/book/p.ipynb">n</a><a href="../_notebooks/book/p.outputs.ipynb">o</a>'
+             '<a href="../_notebooks/book/p.ipynb">again</a>')
+    assert check_book.notebook_problems(links, page) == [
+        "offers ../_notebooks/book/p.ipynb but the build has no such notebook",
+        "offers ../_notebooks/book/p.outputs.ipynb but the build has no such notebook"]
+    (tmp_path / "_notebooks" / "book" / "p.ipynb").write_text("{}")
+    nb = {"cells": [{"cell_type": "markdown", "source": ["Accuracy {glue:text}`acc:.2f` and ", "{glue}`n`."]},
+                    {"cell_type": "code", "source": "glue('acc', 0.5)"}]}
+    (tmp_path / "_notebooks" / "book" / "p.outputs.ipynb").write_text(json.dumps(nb))
+    assert check_book.notebook_problems(links, page) == [
+        "../_notebooks/book/p.outputs.ipynb shows 2 raw glue role(s) (first: {glue:text}`...)"]
+    nb["cells"][0]["source"] = "Accuracy 0.50 and 3."
+    (tmp_path / "_notebooks" / "book" / "p.outputs.ipynb").write_text(json.dumps(nb))
+    assert check_book.notebook_problems(links, page) == []
+
+
 BUILT = sorted((ROOT / "_build" / "html").rglob("*.html"))
 
 

@@ -447,3 +447,56 @@ def test_the_study_reruns_on_another_model_with_no_code_change(pipe):
     assert set(out["table"]["feature"]) == set(study.FEATURES) and "background" not in set(out["table"]["attribute"])
     assert {c["verdict"] for c in out["claims"]} <= {"agrees", "disagrees", "inconclusive", "untested"}
     assert len(out["step0"]) == 4 and json.dumps(out["claims"], default=float)
+
+
+# ------------------------------------------------------------------ the recipe in the package (issue 21)
+RECIPE = ("ATTRS", "SEEN", "WORDS", "FEATURES", "CONTROL_BY", "TEXT", "SCENE_SEED", "SPLIT_SEED", "CLAIMS",
+          "balanced_scenes", "seen", "verdict", "claim_verdict", "text_only")
+
+
+def test_the_study_recipe_has_one_home_in_the_package():
+    """benchmarks/probing_study.py uses the package's recipe objects and defines none of them itself."""
+    import ast
+
+    from attnlens.shapes import probestudy
+
+    study = study_module()
+    for name in RECIPE:
+        assert getattr(study, name) is getattr(probestudy, name), name
+    tree = ast.parse(Path(study.__file__).read_text())
+    defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    defined |= {t.id for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))
+                for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}
+    assert defined.isdisjoint(RECIPE), sorted(defined & set(RECIPE))
+
+
+@pytest.mark.parametrize("stem", ["probing_study", "probing_study_quick"])
+def test_the_recipe_rebuilds_the_recorded_prompts_and_split(stem):
+    """The recorded study's prompt list and halves come back from the package's recipe: the labels of
+    ``balanced_scenes(prompts, scene_seed)`` times the recorded seeds, grouped by prompt as collect groups them,
+    split by ``halves(split_seed)``, give the record's half sizes, the selection table's class counts and the
+    held-out table's majority share (``chance``) of every prompt attribute."""
+    from attnlens import results_dir
+    from attnlens.shapes import probestudy
+
+    study = study_module()
+    results = results_dir(f"{stem}.json")
+    meta = json.loads((results / f"{stem}.json").read_text())
+    table = pd.read_csv(results / f"{stem}.csv")
+    held = pd.read_csv(results / f"{stem}_summary.csv", dtype={"steps": str})
+    scenes = probestudy.balanced_scenes(meta["prompts"], seed=meta["scene_seed"])
+    assert meta["scene_seed"] == probestudy.SCENE_SEED and meta["split_seed"] == probestudy.SPLIT_SEED
+    assert meta["control_by"] == probestudy.CONTROL_BY
+    rows = pd.DataFrame([s.prompt_row() for s in scenes])
+    y = rows.loc[rows.index.repeat(meta["seeds"])].reset_index(drop=True)
+    y.insert(1, "seed", np.tile(np.arange(meta["seeds"]), len(scenes)))
+    assert len(y) == meta["generations"]
+    sel, ev = study.halves(Features({}, y), seed=meta["split_seed"])
+    assert (int(sel.sum()), int(ev.sum())) == (meta["selection_generations"], meta["evaluation_generations"])
+    for a in probestudy.ATTRS:
+        recorded_classes = set(table.loc[(table["attribute"] == a) & (table["layer"] != probestudy.TEXT), "n_classes"])
+        assert recorded_classes == {y.loc[sel, a].nunique()}, a
+        rows_a = held[held["attribute"] == a]
+        assert set(rows_a["n"]) == {int(ev.sum())}, a
+        chance = y.loc[ev, a].value_counts(normalize=True).max()
+        np.testing.assert_allclose(rows_a["chance"], chance, atol=1e-4, err_msg=a)
