@@ -105,10 +105,11 @@ T5_STYLE_WORDS = ("a an the of on in at and to with red blue green yellow purple
                   "large tiny photo picture")
 
 
-def t5_style_tokenizer(model_max_length: int = 512):
+def t5_style_tokenizer(model_max_length: int = 512, words: str = T5_STYLE_WORDS):
     """A SentencePiece-style ``T5TokenizerFast`` built in code (the T5 tokenizer cannot be downloaded here): a
-    unigram vocabulary of common words (``\u2581red``), single characters for everything else, ``</s>`` at
-    the end and ``<pad>`` after it, no start token, as T5's tokenizer writes a prompt.
+    unigram vocabulary of ``words`` (space-separated, each one token ``\u2581red``; default: common words),
+    single characters for everything else, ``</s>`` at the end and ``<pad>`` after it, no start token, as T5's
+    tokenizer writes a prompt. Ids: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, ``\u2581`` 3, the words from 4 on.
 
     Example:
         >>> tok = t5_style_tokenizer()
@@ -121,7 +122,7 @@ def t5_style_tokenizer(model_max_length: int = 512):
     from transformers import T5TokenizerFast
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
-    vocab += [("\u2581" + w, -1.0) for w in T5_STYLE_WORDS.split()]
+    vocab += [("\u2581" + w, -1.0) for w in dict.fromkeys(words.split())]
     vocab += [(c, -5.0) for c in string.ascii_letters + string.digits + string.punctuation]
     tok = Tokenizer(models.Unigram(vocab, unk_id=2))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")

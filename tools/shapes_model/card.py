@@ -588,16 +588,18 @@ OUT = "{out}"
 TRAIN = "python -m tools.shapes_model.train"
 
 
-def rebuild_commands(training: dict, defaults) -> list[dict[str, str]]:
+def rebuild_commands(training: dict, defaults, stage: str = "unet") -> list[dict[str, str]]:
     """The commands that rebuild the exported folder ``training.json`` describes, as recorded in its
-    ``"rebuild"`` entry: ``[{"command": ..., "note": ...}, ...]`` for the VAE stage, each UNet schedule
-    (:func:`unet_commands`) and the export; :data:`OUT` stands for the folder. ``defaults`` is a new run's
-    ``UNetConfig`` (the recipe flags that differ from it are named)."""
+    ``"rebuild"`` entry: ``[{"command": ..., "note": ...}, ...]`` for the VAE stage, each schedule of the
+    denoiser ``stage`` (``"unet"`` or ``"dit"``; :func:`unet_commands`) and the export; :data:`OUT` stands for
+    the folder. ``defaults`` is a new run's config of that stage (the recipe flags that differ from it are
+    named)."""
     seed = training.get("seed", 0)
     vae = training.get("vae") if isinstance(training.get("vae"), dict) else {}
     rows = [(f"{TRAIN} vae --workdir {WORKDIR} --steps {vae.get('step', 'STEPS')} --seed {seed}", "")]
-    rows += unet_commands(training, seed, defaults)
-    rows.append((f"{TRAIN} export --workdir {WORKDIR} --out {OUT}", ""))
+    rows += unet_commands(training, seed, defaults, stage)
+    which = "" if stage == "unet" else f" --denoiser {stage}"
+    rows.append((f"{TRAIN} export{which} --workdir {WORKDIR} --out {OUT}", ""))
     return [{"command": command, "note": note} for command, note in rows]
 
 
@@ -607,9 +609,10 @@ def _recorded_rebuild(training: dict, out: str) -> list[str]:
     return [r["command"].replace(OUT, out) + (f"   # {r['note']}" if r.get("note") else "") for r in rows]
 
 
-def unet_commands(training: dict, seed, defaults) -> list[tuple[str, str]]:
-    """``(command, note)`` for each ``train unet`` command that rebuilds the run ``training.json`` records:
-    the recipe flags that differ from ``defaults`` (a new run's ``UNetConfig``), and one command per
+def unet_commands(training: dict, seed, defaults, stage: str = "unet") -> list[tuple[str, str]]:
+    """``(command, note)`` for each ``train unet`` (or ``train dit``: ``stage``) command that rebuilds the run
+    ``training.json`` records: the recipe flags that differ from ``defaults`` (a new run's config; flags the
+    stage's config lacks are left out), and one command per
     schedule when the run was resumed with another ``--steps`` (each continues the last one's checkpoint,
     as the run did). ``note`` says where to stop, or is empty."""
     config = dict(training.get("config") or {})
@@ -618,10 +621,10 @@ def unet_commands(training: dict, seed, defaults) -> list[tuple[str, str]]:
         for key, (old, _new) in c["changed"].items():
             if key in _UNET_FLAGS:
                 config[key] = old
-    base = f"{TRAIN} unet --workdir {WORKDIR}"
+    base = f"{TRAIN} {stage} --workdir {WORKDIR}"
     first = "".join(f" {_flag(k)} {_value(config[k])}" for k in _UNET_FLAGS
-                    if k in config and _value(config[k]) != _value(getattr(defaults, k)))
-    final = training.get("unet_total_steps") or training.get("unet_step")
+                    if k in config and hasattr(defaults, k) and _value(config[k]) != _value(getattr(defaults, k)))
+    final = training.get(f"{stage}_total_steps") or training.get(f"{stage}_step")
     commands, flags = [], first
     for i, c in enumerate(changes):
         changed = {k: v for k, v in c["changed"].items() if k in _UNET_FLAGS or k == "total_steps"}
@@ -633,8 +636,8 @@ def unet_commands(training: dict, seed, defaults) -> list[tuple[str, str]]:
                          "" if total == c["step"] else f"stopped at step {c['step']}"))
         flags = "".join(f" {_flag(k)} {new}" for k, (_old, new) in changed.items() if k in _UNET_FLAGS)
     commands.append((f"{base} --steps {final} --seed {seed}{flags}",
-                     f"this export is its checkpoint at step {training.get('unet_step')}"
-                     if _intermediate(training) else ""))
+                     f"this export is its checkpoint at step {training.get(f'{stage}_step')}"
+                     if _intermediate(training, stage) else ""))
     return commands
 
 
@@ -642,9 +645,9 @@ def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def _intermediate(training: dict) -> bool:
-    total = training.get("unet_total_steps")
-    return bool(total) and training.get("unet_step", 0) < total
+def _intermediate(training: dict, stage: str = "unet") -> bool:
+    total = training.get(f"{stage}_total_steps")
+    return bool(total) and training.get(f"{stage}_step", 0) < total
 
 
 def _unet_steps(training: dict) -> str:

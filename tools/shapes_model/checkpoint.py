@@ -23,14 +23,22 @@ def save_checkpoint(path: str | Path, modules: dict[str, torch.nn.Module], optim
     """Write ``path`` (a ``.safetensors`` file) and ``path.json`` atomically.
 
     Tensors are stored as ``{name}/{param}`` for modules and ``{name}#{index}/{key}`` for optimizer
-    state; scalar optimizer state and param groups go into the JSON sidecar with ``meta``.
+    state; scalar optimizer state and param groups go into the JSON sidecar with ``meta``. A tensor a module
+    holds under two names (tied weights: T5's ``shared`` and ``encoder.embed_tokens``) is stored once, the
+    other name recorded in the sidecar's ``"tied"``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     side: dict[str, Any] = {"meta": meta, "optimizers": {}}
     for name, module in modules.items():
+        first: dict[tuple, str] = {}
         for key, value in module.state_dict().items():
+            where = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+            if value.numel() and where in first:
+                side.setdefault("tied", {})[f"{name}/{key}"] = f"{name}/{first[where]}"
+                continue
+            first[where] = key
             tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
     for name, opt in optimizers.items():
         state = opt.state_dict()
@@ -53,6 +61,8 @@ def load_checkpoint(path: str | Path, modules: dict[str, torch.nn.Module],
     path = Path(path)
     tensors = load_file(str(path))
     side = json.loads(path.with_name(path.name + ".json").read_text())
+    for alias, kept in side.get("tied", {}).items():
+        tensors[alias] = tensors[kept]
     for name, module in modules.items():
         prefix = f"{name}/"
         module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})

@@ -42,6 +42,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,11 +74,10 @@ class VAEConfig:
 
 
 @dataclass
-class UNetConfig:
-    block_out_channels: tuple[int, ...] = (32, 64, 128)
-    layers_per_block: int = 2
-    cross_attention_dim: int = 128
-    attention_heads: int = 4  # per layer; head dim = channels / heads (8, 16, 32 here)
+class Recipe:
+    """What the two denoiser stages (``unet``, ``dit``) share: the text encoder's size, the objective, the
+    schedule and the data. :class:`UNetConfig` and :class:`DiTConfig` add each denoiser's architecture."""
+
     text_width: int = 128
     text_layers: int = 2
     text_heads: int = 4
@@ -97,7 +97,7 @@ class UNetConfig:
     # leaves the noisiest steps to the prompt
     latent_std: float = 1.0
     ema_decay: float = 0.999
-    # "epsilon" (SD 1.x) or "v_prediction" (SD 2.x): what the UNet predicts. Under epsilon the x0 that the
+    # "epsilon" (SD 1.x) or "v_prediction" (SD 2.x): what the denoiser predicts. Under epsilon the x0 that the
     # noisiest steps imply is the tiny difference of two large terms, so the layout the prompt asks for is
     # learnt slowly there
     prediction_type: str = "epsilon"
@@ -106,27 +106,84 @@ class UNetConfig:
     # layers frozen for this many steps, so no token's state mixes in another token (the position
     # embedding is not frozen: it trains from zero, adding where a token sits to its own word). Trained
     # from scratch with mixing from step 0, the encoder never passed position words on, while a plain word
-    # table did within a few hundred steps (benchmarks/shapes_text_path.py). 0: CLIP's own initialisation
+    # table did within a few hundred steps (benchmarks/shapes_text_path.py). 0: CLIP's own initialisation.
+    # The DiT's T5 encoder starts the same way (its attention and feed-forward outputs at zero, its layers
+    # frozen); T5 has no position embedding, its relative position bias sits in the frozen attention
     text_table_steps: int = 0
+    # the size the world is rendered at for the denoiser (the VAE stays the one trained at 64x64: it is fully
+    # convolutional, and benchmarks/shapes_vae_scale.py measures how well it carries 128x128 renders). 128
+    # gives 32x32 latents, so attention sits at 32/16/8 as Stable Diffusion's at 64/32/16
+    image_size: int = 64
+
+
+@dataclass
+class UNetConfig(Recipe):
+    """The ``unet`` stage: a CLIP text encoder and a ``UNet2DConditionModel`` (the shipped Shapes model)."""
+
+    block_out_channels: tuple[int, ...] = (32, 64, 128)
+    layers_per_block: int = 2
+    cross_attention_dim: int = 128
+    attention_heads: int = 4  # per layer; head dim = channels / heads (8, 16, 32 here)
     # architecture levers for a UNet whose self-attention must carry the layout (issue 17); the defaults are
     # the shipped model's. transformer_layers: transformer blocks per attention module (diffusers'
     # ``transformer_layers_per_block``); attention_levels: the levels (0 = the latent's own grid) whose down and
     # up blocks have attention, () = every level but the lowest (SD's layout; the mid block always has it)
     transformer_layers: int = 1
     attention_levels: tuple[int, ...] = ()
-    # the size the world is rendered at for the UNet (the VAE stays the one trained at 64x64: it is fully
-    # convolutional, and benchmarks/shapes_vae_scale.py measures how well it carries 128x128 renders). 128
-    # gives 32x32 latents, so attention sits at 32/16/8 as Stable Diffusion's at 64/32/16
-    image_size: int = 64
+
+
+@dataclass
+class DiTConfig(Recipe):
+    """The ``dit`` stage: a T5 encoder and a ``PixArtTransformer2DModel`` (PixArt-alpha's architecture: in every
+    block self-attention over the image tokens, cross-attention to the text tokens and a feed-forward, all
+    modulated by one shared timestep embedding, "adaLN-single").
+
+    Sizes (chosen for the Shapes world's 16x16 latents and the budget of at most 25 MB fp16 and 1 s an image
+    on 2 CPU cores at 25 steps):
+
+    - ``patch_size`` 2: an 8x8 token grid (64 image tokens, each a 2x2 latent cell = 8x8 pixels), the grid of
+      the Shapes UNet's middle level (its 16x16 level has the finer maps). Patch 1 would give a 16x16 grid, but
+      four times the tokens cost more than three times the time: one forward of the untrained transformer on
+      a batch of 2 (classifier-free guidance), 24 text tokens, 1 thread, measured UNDER LOAD (a busy 2-core
+      machine, 2026-12-01): patch 2, 8 blocks, width 256: 41.6 ms (1.04 s for 25 steps, 18.1 MB fp16);
+      patch 2, 12 blocks: 60.9 ms (1.52 s, 26.6 MB, over both budgets); patch 1, 8 blocks: 139.4 ms (3.5 s).
+      On an idle machine with 2 threads the 8-block transformer should fit 1 s with the VAE decode; the
+      quality bar's timing decides.
+    - ``layers`` 8 blocks of width ``hidden`` 256, ``heads`` 4 (head dim 64): 9.1 M parameters, 18.1 MB fp16.
+    - text: a T5 encoder (T5 v1.1's gated-GELU feed-forward, relative position bias) of width ``text_width``
+      128, ``text_layers`` 2, trained from scratch jointly with the transformer, with a T5-style unigram
+      tokenizer built in code over the Shapes world's words (:func:`shapes_tokenizer`; it ships in the
+      model folder as ``tokenizer/tokenizer.json``): the folder loads with plain
+      ``PixArtAlphaPipeline.from_pretrained``. About 0.5 M parameters.
+    - the VAE is the ``vae`` stage's (``vae.safetensors``), as for the UNet.
+
+    Prompts are padded to ``max_text_tokens`` during training with their attention mask, which the T5 encoder
+    and the cross-attention both apply (as ``PixArtAlphaPipeline`` does at its own ``max_sequence_length``),
+    so padded tokens change nothing: the model generates the same at any ``max_sequence_length`` that holds
+    the prompt.
+    """
+
+    lr: float = 3e-4  # transformers are less tolerant of large steps than the UNet (not yet tuned on a real run)
+    layers: int = 8
+    hidden: int = 256
+    heads: int = 4
+    patch_size: int = 2
+    max_text_tokens: int = 32
 
 
 ARCHITECTURE = ("layers_per_block", "transformer_layers", "attention_levels", "image_size")
 """UNet fields a new run takes from the command line and a resumed run from its checkpoint."""
 
+DIT_ARCHITECTURE = ("layers", "hidden", "heads", "patch_size", "image_size", "text_width", "text_layers", "text_heads",
+                    "max_text_tokens")
+"""DiT fields a resumed run takes from its checkpoint (a new run takes :class:`DiTConfig`'s)."""
+
 
 TINY_VAE = VAEConfig(block_out_channels=(8, 8, 8), norm_num_groups=4, batch=4)
 TINY_UNET = UNetConfig(block_out_channels=(16, 16, 16), cross_attention_dim=16, attention_heads=2,
                        text_width=16, text_layers=1, text_heads=2, batch=4)
+TINY_DIT = DiTConfig(layers=2, hidden=16, heads=2, text_width=16, text_layers=1, text_heads=2, batch=4,
+                     max_text_tokens=24)
 
 
 def build_vae(cfg: VAEConfig):
@@ -185,6 +242,51 @@ def build_unet(cfg: UNetConfig, latent_channels: int = 4, sample_size: int = 16)
         attention_head_dim=cfg.attention_heads,
         norm_num_groups=min(32, cfg.block_out_channels[0] // 2),
     )
+
+
+def shapes_words() -> str:
+    """Every word a Shapes prompt can use (:func:`attnlens.shapes.describe`'s templates and the world's values),
+    space-separated, in a fixed order: the DiT tokenizer's word vocabulary."""
+    from attnlens.shapes import ATTRIBUTES
+    from attnlens.shapes._world import POSITION_PHRASES
+
+    words = "a an the of on in at against background photo image drawing shape object".split()
+    words += [w for values in ATTRIBUTES.values() for v in values for w in v.split()]
+    words += [w for phrases in POSITION_PHRASES.values() for p in phrases for w in p.split()]
+    return " ".join(dict.fromkeys(words))
+
+
+def shapes_tokenizer():
+    """The DiT's T5-style tokenizer: one token per Shapes word, single characters for anything else, ``</s>``
+    closing each prompt (``attnlens._testing.t5_style_tokenizer`` over :func:`shapes_words`). It is built in
+    code and saved into the exported folder (``tokenizer/``), so the folder needs nothing downloaded."""
+    from attnlens._testing import t5_style_tokenizer
+
+    return t5_style_tokenizer(model_max_length=120, words=shapes_words())  # 120: PixArt-alpha's prompt length
+
+
+def build_t5_text_encoder(cfg: DiTConfig, vocab_size: int):
+    """A T5 encoder trained from scratch: T5 v1.1's layout (gated-GELU feed-forward, relative position bias), no
+    dropout (as the UNet stage's CLIP)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(
+        vocab_size=vocab_size, d_model=cfg.text_width, d_kv=cfg.text_width // cfg.text_heads,
+        d_ff=cfg.text_width * 2, num_layers=cfg.text_layers, num_heads=cfg.text_heads,
+        feed_forward_proj="gated-gelu", dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+
+
+def build_dit(cfg: DiTConfig, latent_channels: int = 4, sample_size: int = 16):
+    """PixArt-alpha's transformer at the Shapes world's size (see :class:`DiTConfig`); it predicts the noise (or v)
+    only (``out_channels`` = the latent's: no learnt variance)."""
+    from diffusers import PixArtTransformer2DModel
+
+    return PixArtTransformer2DModel(
+        sample_size=sample_size, num_layers=cfg.layers, patch_size=cfg.patch_size,
+        attention_head_dim=cfg.hidden // cfg.heads, num_attention_heads=cfg.heads, in_channels=latent_channels,
+        out_channels=latent_channels, caption_channels=cfg.text_width, cross_attention_dim=cfg.hidden,
+        attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6)
 
 
 def build_scheduler(prediction_type: str = "epsilon"):
@@ -334,24 +436,26 @@ def latent_scale(vae, n: int = 512, seed: int = 20_000, size: int = 64) -> float
     return float(1.0 / z.std())
 
 
-def _latent_side(vae, cfg: UNetConfig) -> int:
+def _latent_side(vae, cfg: Recipe) -> int:
     """The latent grid side of ``cfg.image_size`` renders through ``vae`` (it halves the side per level)."""
     return cfg.image_size // 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def _text_layers(text: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The parameters of the CLIP text encoder's transformer layers (not its embeddings or final norm)."""
-    return [p for name, p in text.named_parameters() if ".layers." in f".{name}"]
+    """The parameters of the text encoder's transformer layers (CLIP's ``layers``, T5's ``block``; not its
+    embeddings or final norm)."""
+    return [p for name, p in text.named_parameters() if ".layers." in f".{name}" or ".block." in f".{name}"]
 
 
 def start_as_word_table(text: torch.nn.Module) -> None:
-    """Zero the position embedding and every residual branch's output projection of a CLIP text encoder:
-    each token's state is then the final layer norm of its own embedding row plus its (trainable) position
-    embedding, nothing from other tokens (see UNetConfig.text_table_steps)."""
+    """Zero the position embedding and every residual branch's output projection of a CLIP text encoder (T5's:
+    its attention's ``o`` and feed-forward's ``wo``; T5 has no position embedding): each token's state is then
+    the final layer norm of its own embedding row (plus, for CLIP, its trainable position embedding), nothing
+    from other tokens (see Recipe.text_table_steps)."""
     with torch.no_grad():
         for name, p in text.named_parameters():
-            if "position_embedding" in name or name.endswith(("out_proj.weight", "out_proj.bias",
-                                                               "fc2.weight", "fc2.bias")):
+            if "position_embedding" in name or name.endswith(("out_proj.weight", "out_proj.bias", "fc2.weight",
+                                                               "fc2.bias", ".o.weight", ".wo.weight")):
                 p.zero_()
 
 
@@ -378,39 +482,94 @@ FIXED_AT_START = ("prediction_type", "text_table_steps")
 """Recipe fields set when a run starts; a resumed run keeps its checkpoint's."""
 
 
-def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every: int,
-               snr_floor: float | None = None, latent_std: float | None = None,
-               prediction_type: str | None = None, text_table_steps: int | None = None) -> None:
-    """Train (or resume) the text encoder and UNet.
+def _unet_predict(tokenizer, text, unet, cfg: UNetConfig, zt, t, prompts: list[str]) -> torch.Tensor:
+    """The UNet's prediction for noisy latents ``zt`` (B, C, h, w) at timesteps ``t`` (B,): CLIP's 77 tokens."""
+    ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    return unet(zt, t, encoder_hidden_states=text(ids).last_hidden_state).sample
+
+
+def _dit_predict(tokenizer, text, dit, cfg: DiTConfig, zt, t, prompts: list[str]) -> torch.Tensor:
+    """The DiT's prediction, its text as ``PixArtAlphaPipeline`` encodes it: T5 tokens padded to
+    ``cfg.max_text_tokens`` with their attention mask, applied in the T5 encoder and in the cross-attention."""
+    tok = tokenizer(prompts, padding="max_length", max_length=cfg.max_text_tokens, truncation=True,
+                    return_tensors="pt")
+    cond = text(tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
+    return dit(zt, encoder_hidden_states=cond, encoder_attention_mask=tok.attention_mask, timestep=t,
+               added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A denoiser stage: what differs between the ``unet`` and ``dit`` stages (everything else, the data, the
+    objective, the schedule, EMA, checkpoints and resuming, is :func:`train_denoiser`'s, shared).
+
+    ``name`` is the stage, its checkpoint ``WORKDIR/<name>.safetensors`` (modules ``text``, ``<name>``,
+    ``ema_text``, ``ema_<name>``) and its log ``<name>_log.jsonl``."""
+
+    name: str
+    config: type
+    architecture: tuple[str, ...]  # fields a resumed run takes from its checkpoint
+    tokenizer: Any  # () -> tokenizer
+    text_encoder: Any  # (cfg, tokenizer) -> text encoder
+    denoiser: Any  # (cfg, latent_channels, sample_size) -> denoiser
+    predict: Any  # (tokenizer, text, denoiser, cfg, zt, t, prompts) -> prediction, zt's shape
+
+
+UNET = Stage("unet", UNetConfig, ARCHITECTURE, load_tokenizer, lambda cfg, tok: build_text_encoder(cfg), build_unet,
+             _unet_predict)
+DIT = Stage("dit", DiTConfig, DIT_ARCHITECTURE, shapes_tokenizer, lambda cfg, tok: build_t5_text_encoder(cfg, len(tok)),
+            build_dit, _dit_predict)
+STAGES = {s.name: s for s in (UNET, DIT)}
+
+
+def _config(stage: Stage, saved: dict):
+    """``stage``'s config from a checkpoint's recorded one (lists back to tuples)."""
+    return stage.config(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+
+
+def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every: int, **recipe) -> None:
+    """Train (or resume) the text encoder and UNet (:func:`train_denoiser` with the ``unet`` stage)."""
+    train_denoiser(UNET, workdir, steps, cfg, seed, save_every, **recipe)
+
+
+def train_dit(workdir: Path, steps: int, cfg: DiTConfig, seed: int, save_every: int, **recipe) -> None:
+    """Train (or resume) the T5 encoder and PixArt transformer (:func:`train_denoiser` with the ``dit`` stage)."""
+    train_denoiser(DIT, workdir, steps, cfg, seed, save_every, **recipe)
+
+
+def train_denoiser(stage: Stage, workdir: Path, steps: int, cfg: Recipe, seed: int, save_every: int,
+                   snr_floor: float | None = None, latent_std: float | None = None,
+                   prediction_type: str | None = None, text_table_steps: int | None = None) -> None:
+    """Train (or resume) a stage's text encoder and denoiser on the VAE stage's latents.
 
     ``snr_floor`` and ``latent_std`` left ``None`` keep the checkpoint's values (``cfg``'s for a new
     run); a number overrides it and, on resuming, is recorded as a recipe change. A changed
     ``latent_std`` rescales the latents from the next step on (``scaling_factor`` follows it).
-    ``prediction_type`` and ``text_table_steps`` (see :class:`UNetConfig`) are fixed when a run starts:
+    ``prediction_type`` and ``text_table_steps`` (see :class:`Recipe`) are fixed when a run starts:
     ``None`` takes the checkpoint's (``cfg``'s for a new run), and a different value for a resumed run is
     an error.
     """
-    if (workdir / "unet.safetensors.json").exists():  # a resumed run rebuilds the architecture it was started with
-        saved = json.loads((workdir / "unet.safetensors.json").read_text())["meta"]["config"]
+    ckpt = workdir / f"{stage.name}.safetensors"
+    if ckpt.with_name(ckpt.name + ".json").exists():  # a resumed run rebuilds the architecture it was started with
+        saved = json.loads(ckpt.with_name(ckpt.name + ".json").read_text())["meta"]["config"]
         cfg = replace(cfg, **{k: tuple(saved[k]) if isinstance(saved[k], list) else saved[k]
-                              for k in ARCHITECTURE if k in saved})
+                              for k in stage.architecture if k in saved})
     fixed = {"prediction_type": prediction_type, "text_table_steps": text_table_steps}
     cfg = replace(cfg, **{k: v for k, v in fixed.items() if v is not None})  # a resumed run checks them below
     if cfg.prediction_type not in ("epsilon", "v_prediction"):
         raise SystemExit(f"unknown prediction_type {cfg.prediction_type!r}; valid: 'epsilon', 'v_prediction'")
     torch.manual_seed(seed)
     vae = _load_vae(workdir)
-    tokenizer = load_tokenizer()
-    text = build_text_encoder(cfg)
+    tokenizer = stage.tokenizer()
+    text = stage.text_encoder(cfg, tokenizer)
     if cfg.text_table_steps:
         start_as_word_table(text)  # a resumed run loads its trained weights over this
-    unet = build_unet(cfg, latent_channels=vae.config.latent_channels, sample_size=_latent_side(vae, cfg))
-    ema_text, ema_unet = copy.deepcopy(text).requires_grad_(False), copy.deepcopy(unet).requires_grad_(False)
-    params = list(text.parameters()) + list(unet.parameters())
+    model = stage.denoiser(cfg, vae.config.latent_channels, _latent_side(vae, cfg))
+    ema_text, ema_model = copy.deepcopy(text).requires_grad_(False), copy.deepcopy(model).requires_grad_(False)
+    params = list(text.parameters()) + list(model.parameters())
     opt = _adamw(params, lr=cfg.lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, steps))
-    ckpt = workdir / "unet.safetensors"
-    modules = {"text": text, "unet": unet, "ema_text": ema_text, "ema_unet": ema_unet}
+    modules = {"text": text, stage.name: model, "ema_text": ema_text, f"ema_{stage.name}": ema_model}
     start, scale, changes = 0, None, []
     given = {"snr_floor": snr_floor, "latent_std": latent_std}
     if ckpt.exists():
@@ -418,7 +577,7 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
         start, scale = meta["step"], meta["scaling_factor"]
         changes = list(meta.get("recipe_changes", []))
         # keys older checkpoints lack take the values those runs used (the defaults of their time)
-        old = {**asdict(UNetConfig()), "latent_std": 1.0, **meta["config"]}
+        old = {**asdict(stage.config()), "latent_std": 1.0, **meta["config"]}
         clash = {k: old[k] for k, v in fixed.items() if v is not None and v != old[k]}
         if clash:
             raise SystemExit(f"{workdir} was started with " + ", ".join(f"{k}={v!r}" for k, v in clash.items())
@@ -435,7 +594,7 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
             print(f"recipe change at step {start}: {diff}", file=sys.stderr)
         sched.last_epoch = start - 1
         sched.step()
-        print(f"resumed UNet at step {start}", file=sys.stderr)
+        print(f"resumed {stage.name} at step {start}", file=sys.stderr)
     else:
         cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
     if scale is None:
@@ -444,25 +603,23 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
     alphas = noise_sched.alphas_cumprod
     snr = alphas / (1 - alphas)
     ds = ShapesDataset(10**9, seed=seed + 1, size=cfg.image_size)
-    log = workdir / "unet_log.jsonl"
+    log = workdir / f"{stage.name}_log.jsonl"
     t0 = time.time()
     layers = _text_layers(text)
-    for step in _progress(range(start, steps), steps, start, "unet"):
+    for step in _progress(range(start, steps), steps, start, stage.name):
         if step in (start, cfg.text_table_steps):
             for p in layers:  # frozen while the encoder is a word table
                 p.requires_grad_(step >= cfg.text_table_steps)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
         b = _batch(ds, step, cfg.batch)
         prompts = ["" if torch.rand((), generator=gen) < cfg.cfg_dropout else p for p in b["prompt"]]
-        ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         with torch.no_grad():
             post = vae.encode(b["pixels"]).latent_dist
             z0 = (post.mean + post.std * torch.randn(post.mean.shape, generator=gen)) * scale
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (z0.shape[0],), generator=gen)
         zt = noise_sched.add_noise(z0, noise, t)
-        cond = text(ids).last_hidden_state
-        pred = unet(zt, t, encoder_hidden_states=cond).sample
+        pred = stage.predict(tokenizer, text, model, cfg, zt, t, prompts)
         # min-SNR-gamma plus the optional floor (see UNetConfig.snr_floor), as an x0 weight turned into the
         # weight of the predicted quantity: x0 errors are snr times smaller than epsilon's, snr + 1 than v's
         x0_weight = torch.clamp(snr[t], max=cfg.min_snr_gamma) + cfg.snr_floor
@@ -478,7 +635,7 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
         sched.step()
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         _ema_update(ema_text, text, decay)
-        _ema_update(ema_unet, unet, decay)
+        _ema_update(ema_model, model, decay)
         done = step + 1
         if done % 50 == 0:
             with log.open("a") as f:
@@ -600,46 +757,71 @@ def copy_file(src: Path, dst: Path) -> None:
     shutil.copyfile(Path(src).resolve(), dst)
 
 
-def export(workdir: Path, out: Path, use_ema: bool = True) -> Path:
-    """Write the trained parts as a diffusers ``StableDiffusionPipeline`` folder (fp16 safetensors)."""
-    from diffusers import StableDiffusionPipeline
-
+def _trained(stage: Stage, workdir: Path, use_ema: bool):
+    """``(vae, meta, tokenizer, text, denoiser)`` of ``workdir``'s ``stage`` checkpoint (its EMA weights, or the
+    raw ones), the VAE's ``scaling_factor`` set to the one the run trained with."""
     vae = _load_vae(workdir)
-    ckpt = workdir / "unet.safetensors"
+    ckpt = workdir / f"{stage.name}.safetensors"
+    if not ckpt.exists():
+        raise SystemExit(f"no {stage.name} checkpoint at {ckpt}: run the '{stage.name}' stage first")
     meta = json.loads(ckpt.with_name(ckpt.name + ".json").read_text())["meta"]
-    cfg = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
-    text, unet = build_text_encoder(cfg), build_unet(cfg, latent_channels=vae.config.latent_channels,
-                                                     sample_size=_latent_side(vae, cfg))
-    key = ("ema_text", "ema_unet") if use_ema else ("text", "unet")
-    load_checkpoint(ckpt, {key[0]: text, key[1]: unet}, {})
+    cfg = _config(stage, meta["config"])
+    tokenizer = stage.tokenizer()
+    text = stage.text_encoder(cfg, tokenizer)
+    model = stage.denoiser(cfg, vae.config.latent_channels, _latent_side(vae, cfg))
+    prefix = "ema_" if use_ema else ""
+    load_checkpoint(ckpt, {f"{prefix}text": text, f"{prefix}{stage.name}": model}, {})
     vae.register_to_config(scaling_factor=meta["scaling_factor"])
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=load_tokenizer(), unet=unet,
-                                   scheduler=build_scheduler(cfg.prediction_type), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.to(torch.float16)
-    pipe.save_pretrained(out, safe_serialization=True)
-    canonical_text_encoder_keys(out)
-    # transformers writes the tokenizer as one tokenizer.json (3.5 MB); ship the smaller vocab.json +
-    # merges.txt pair it was built from instead, which CLIPTokenizer reads just as well
-    tok_dir = Path(out) / "tokenizer"
-    (tok_dir / "tokenizer.json").unlink(missing_ok=True)
-    for name in ("vocab.json", "merges.txt", "LICENSE"):
-        copy_file(TOKENIZER_DIR / name, tok_dir / name)
+    return vae, meta, tokenizer, text, model
 
+
+def _record(stage: Stage, workdir: Path, out: Path, meta: dict, use_ema: bool) -> dict:
+    """The exported folder's ``training.json``: configs, seeds, steps, log summaries, checksums, rebuild commands."""
     vae_meta = json.loads((workdir / "vae.safetensors.json").read_text())["meta"]
     record = {
-        "unet_step": meta["step"], "unet_total_steps": meta.get("total_steps"), "config": meta["config"],
-        "seed": meta["seed"], "ema": use_ema, "recipe_changes": meta.get("recipe_changes", []),
-        "scaling_factor": meta["scaling_factor"],
+        f"{stage.name}_step": meta["step"], f"{stage.name}_total_steps": meta.get("total_steps"),
+        "config": meta["config"], "seed": meta["seed"], "ema": use_ema,
+        "recipe_changes": meta.get("recipe_changes", []), "scaling_factor": meta["scaling_factor"],
         "vae": {"step": vae_meta["step"], "config": vae_meta["config"], "seed": vae_meta["seed"]},
         # the logs stay in the workdir (not shipped): their summary travels with the model for its card
         "logs": {"vae": summarize_log(workdir / "vae_log.jsonl", vae_meta["step"]),
-                 "unet": summarize_log(workdir / "unet_log.jsonl", meta["step"])},
+                 stage.name: summarize_log(workdir / f"{stage.name}_log.jsonl", meta["step"])},
         "sha256": weight_sums(out),  # load_pipeline checks these
     }
-    record["rebuild"] = rebuild_commands(record, UNetConfig())  # load_pipeline prints these for a damaged folder
-    (Path(out) / "training.json").write_text(json.dumps(record, indent=1))
-    write_card(out)
+    # load_pipeline prints these for a damaged folder
+    record["rebuild"] = rebuild_commands(record, stage.config(), stage=stage.name)
+    return record
+
+
+def export(workdir: Path, out: Path, use_ema: bool = True, denoiser: str = "unet") -> Path:
+    """Write the trained parts as a diffusers folder (fp16 safetensors): a ``StableDiffusionPipeline`` for the
+    ``unet`` stage (with its model card), a ``PixArtAlphaPipeline`` for ``denoiser="dit"`` (its T5-style
+    tokenizer saved with it; no card yet)."""
+    from diffusers import PixArtAlphaPipeline, StableDiffusionPipeline
+
+    stage = STAGES[denoiser]
+    vae, meta, tokenizer, text, model = _trained(stage, workdir, use_ema)
+    scheduler = build_scheduler(_config(stage, meta["config"]).prediction_type)
+    if stage is DIT:
+        pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text, vae=vae, transformer=model,
+                                   scheduler=scheduler)
+    else:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=model,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.to(torch.float16)
+    pipe.save_pretrained(out, safe_serialization=True)
+    if stage is UNET:
+        canonical_text_encoder_keys(out)
+        # transformers writes the tokenizer as one tokenizer.json (3.5 MB); ship the smaller vocab.json +
+        # merges.txt pair it was built from instead, which CLIPTokenizer reads just as well
+        tok_dir = Path(out) / "tokenizer"
+        (tok_dir / "tokenizer.json").unlink(missing_ok=True)
+        for name in ("vocab.json", "merges.txt", "LICENSE"):
+            copy_file(TOKENIZER_DIR / name, tok_dir / name)
+    (Path(out) / "training.json").write_text(json.dumps(_record(stage, workdir, Path(out), meta, use_ema), indent=1))
+    if stage is UNET:
+        write_card(out)
     return Path(out)
 
 
@@ -729,9 +911,11 @@ def text_path_current(folder: Path = EMBEDDED, record: Path = TEXT_PATH) -> bool
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tools.shapes_model.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["vae", "unet", "export", "card", "pack", "unpack", "text-path-current",
+    parser.add_argument("stage", choices=["vae", "unet", "dit", "export", "card", "pack", "unpack", "text-path-current",
                                           "canonical-keys"],
-                        help="card: rewrite the model card (README.md) of the --out folder from its training.json and "
+                        help="dit: train the Shapes DiT (PixArt-alpha's architecture, a T5 encoder; DiTConfig) on the "
+                        "same VAE, data and recipe as the unet stage, its checkpoint WORKDIR/dit.safetensors; "
+                        "card: rewrite the model card (README.md) of the --out folder from its training.json and "
                         "benchmarks/results/shapes_quality.json (run it after python -m benchmarks.shapes_quality), "
                         "and refresh the rebuild commands in its training.json; text-path-current: exit status 0 "
                         "if benchmarks/results/shapes_text_path.json fits the --out folder's (default: the "
@@ -746,16 +930,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     parser.add_argument("--tiny", action="store_true", help="tiny configs, for tests")
     parser.add_argument("--snr-floor", type=float, default=None,
-                        help="unet: x0-weight floor added to min-SNR weighting (UNetConfig.snr_floor; default: the "
+                        help="unet, dit: x0-weight floor added to min-SNR weighting (UNetConfig.snr_floor; default: the "
                         "checkpoint's value, or 0 for a new run)")
     parser.add_argument("--latent-std", type=float, default=None,
-                        help="unet: the std latents are scaled to (UNetConfig.latent_std; default: the checkpoint's "
+                        help="unet, dit: the std latents are scaled to (UNetConfig.latent_std; default: the checkpoint's "
                         "value, or 1 for a new run, as in Stable Diffusion)")
     parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
-                        help="unet, new runs: what the UNet predicts (UNetConfig.prediction_type; default epsilon, as "
+                        help="unet, dit, new runs: what the denoiser predicts (UNetConfig.prediction_type; default epsilon, as "
                         "in SD 1.x)")
     parser.add_argument("--text-table-steps", type=int, default=None,
-                        help="unet, new runs: steps the text encoder starts as a word table with frozen layers "
+                        help="unet, dit, new runs: steps the text encoder starts as a word table with frozen layers "
                         "(UNetConfig.text_table_steps; default 0)")
     parser.add_argument("--layers-per-block", type=int, default=None,
                         help="unet, new runs: ResNet layers per UNet block (UNetConfig.layers_per_block; default 2)")
@@ -768,6 +952,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="unet (new runs): render the world at this size for the UNet (default 64; 128 gives "
                              "32x32 latents through the same VAE)")
     parser.add_argument("--out", type=Path, help="export, card: the diffusers folder to write")
+    parser.add_argument("--denoiser", choices=sorted(STAGES), default="unet",
+                        help="export: which stage's checkpoint to export (unet: a StableDiffusionPipeline, dit: a "
+                        "PixArtAlphaPipeline)")
     parser.add_argument("--raw", action="store_true",
                         help="export: the raw weights instead of their EMA (early in a run the EMA still "
                         "remembers its first steps; to judge a checkpoint, not to ship)")
@@ -797,6 +984,10 @@ def main(argv: list[str] | None = None) -> None:
         train_unet(args.workdir, args.steps, cfg, args.seed, args.save_every,
                    snr_floor=args.snr_floor, latent_std=args.latent_std,
                    prediction_type=args.prediction_type, text_table_steps=args.text_table_steps)
+    elif args.stage == "dit":
+        train_dit(args.workdir, args.steps, TINY_DIT if args.tiny else DiTConfig(), args.seed, args.save_every,
+                  snr_floor=args.snr_floor, latent_std=args.latent_std, prediction_type=args.prediction_type,
+                  text_table_steps=args.text_table_steps)
     elif args.stage == "pack":
         print(pack(args.workdir, args.pack))
     elif args.stage == "unpack":
@@ -808,7 +999,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if args.out is None:
             parser.error("export needs --out")
-        print(export(args.workdir, args.out, use_ema=not args.raw))
+        print(export(args.workdir, args.out, use_ema=not args.raw, denoiser=args.denoiser))
 
 
 if __name__ == "__main__":
