@@ -16,6 +16,17 @@ from ._identity import safetensors_problem as _safetensors_problem
 EMBEDDED_MODEL = Path(__file__).parent / "models" / "shapes"
 """Where the embedded Shapes model lives (a diffusers folder)."""
 
+EMBEDDED_DIT = Path(__file__).parent / "models" / "shapes-dit"
+"""Where the Shapes DiT lives (a ``PixArtAlphaPipeline`` folder), loaded by ``load_pipeline("shapes-dit")``."""
+
+SHAPES_DIT = "shapes-dit"
+"""The name :func:`load_pipeline` resolves to :data:`EMBEDDED_DIT` (before any folder or hub id of that name)."""
+
+_DIT_BUILD = ("`python -m tools.shapes_model.train vae --workdir runs/shapes --steps 3000` (skip it when runs/shapes "
+              "holds the VAE stage, vae.safetensors), `python -m tools.shapes_model.train dit --workdir runs/shapes "
+              "--steps STEPS`, `python -m tools.shapes_model.train export --denoiser dit --workdir runs/shapes --out "
+              "attnlens/models/shapes-dit`")
+
 
 def _recorded_rebuild(record: Path) -> list[tuple[str, str]]:
     """The ``(command, note)`` pairs a Shapes export's ``training.json`` records under ``"rebuild"`` (written by
@@ -131,8 +142,10 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.de
     """Load a Stable Diffusion-family pipeline from a hub id or a local folder (safetensors only): a UNet
     denoiser (SD 1.x, 2.x, SDXL) or a supported diffusion transformer (PixArt, SD3/SD3.5, Flux.1).
 
-    ``model`` defaults to ``$ATTNLENS_MODEL`` and then to the embedded Shapes model. Device and dtype
-    are chosen once here; everything in attnlens follows the pipeline.
+    ``model`` defaults to ``$ATTNLENS_MODEL`` and then to the embedded Shapes model (a UNet). ``"shapes-dit"``
+    names the Shapes DiT (a PixArt-alpha-architecture ``PixArtAlphaPipeline`` in ``attnlens/models/shapes-dit``);
+    when that folder is missing the error says how to build it (nothing else is loaded in its place). Device
+    and dtype are chosen once here; everything in attnlens follows the pipeline.
 
     Example (needs the model on disk, so not run here)::
 
@@ -141,6 +154,13 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.de
     from diffusers import DiffusionPipeline
 
     model = model or os.environ.get("ATTNLENS_MODEL") or EMBEDDED_MODEL
+    if isinstance(model, str) and model == SHAPES_DIT:
+        if not (EMBEDDED_DIT / "model_index.json").exists():
+            raise AttnlensError(
+                f"the Shapes DiT is not in {EMBEDDED_DIT}: it is not shipped with this copy of attnlens. Train and "
+                f"export it with the training tool of a source checkout: {_DIT_BUILD}; or pass a local "
+                "PixArtAlphaPipeline folder or a hub id.")
+        model = EMBEDDED_DIT
     device, dtype = default_device_dtype(device, dtype)
     local = Path(model)
     if local.resolve() == EMBEDDED_MODEL.resolve() and not (local / "model_index.json").exists():
