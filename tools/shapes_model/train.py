@@ -147,14 +147,18 @@ class DiTConfig(Recipe):
       a batch of 2 (classifier-free guidance), 24 text tokens, 1 thread, measured UNDER LOAD (a busy 2-core
       machine, 2026-12-01): patch 2, 8 blocks, width 256: 41.6 ms (1.04 s for 25 steps, 18.1 MB fp16);
       patch 2, 12 blocks: 60.9 ms (1.52 s, 26.6 MB, over both budgets); patch 1, 8 blocks: 139.4 ms (3.5 s).
-      On an idle machine with 2 threads the 8-block transformer should fit 1 s with the VAE decode; the
-      quality bar's timing decides.
-    - ``layers`` 8 blocks of width ``hidden`` 256, ``heads`` 4 (head dim 64): 9.1 M parameters, 18.1 MB fp16.
+      The whole untrained pipeline at these defaults (T5, 25 DDIM steps with guidance, VAE decode, a 64x64
+      image), 1 thread, UNDER LOAD (load average 5 on 2 cores): 1.65-2.0 s wall, 1.27-1.31 s of CPU time.
+      Whether it meets 1 s an image on 2 idle cores is not shown here: the quality bar's timing on an idle
+      machine decides, and ``layers`` is the lever if it does not (the time is close to linear in blocks).
+    - ``layers`` 8 blocks of width ``hidden`` 256, ``heads`` 4 (head dim 64): 9.06 M parameters. With the
+      T5 encoder (0.35 M) and the VAE (0.95 M): 10.4 M parameters, 20.7 MB of fp16 weights (budget 25 MB).
     - text: a T5 encoder (T5 v1.1's gated-GELU feed-forward, relative position bias) of width ``text_width``
-      128, ``text_layers`` 2, trained from scratch jointly with the transformer, with a T5-style unigram
-      tokenizer built in code over the Shapes world's words (:func:`shapes_tokenizer`; it ships in the
-      model folder as ``tokenizer/tokenizer.json``): the folder loads with plain
-      ``PixArtAlphaPipeline.from_pretrained``. About 0.5 M parameters.
+      128, ``text_layers`` 2, ``text_heads`` 4, trained from scratch jointly with the transformer (option (a)
+      of issue 22: a real ``T5EncoderModel``, so the folder loads with plain
+      ``PixArtAlphaPipeline.from_pretrained`` offline), with a T5-style unigram tokenizer built in code over
+      the Shapes world's words (:func:`shapes_tokenizer`: one token per word, which keeps word maps one
+      token a word), saved into the folder as ``tokenizer/tokenizer.json`` at export.
     - the VAE is the ``vae`` stage's (``vae.safetensors``), as for the UNet.
 
     Prompts are padded to ``max_text_tokens`` during training with their attention mask, which the T5 encoder
@@ -431,7 +435,7 @@ def _load_vae(workdir: Path):
 def latent_scale(vae, n: int = 512, seed: int = 20_000, size: int = 64) -> float:
     """1 / std of the VAE's latents over ``n`` renders at ``size``: Stable Diffusion's ``scaling_factor``."""
     ds = ShapesDataset(n, seed=seed, size=size)
-    x = torch.from_numpy(np.stack([ds[i]["pixels"] for i in range(n)]))
+    x = torch.from_numpy(np.stack([ds[i]["pixels"] for i in range(n)])).to(vae.device)
     z = torch.cat([vae.encode(x[i : i + 64]).latent_dist.mode() for i in range(0, n, 64)])
     return float(1.0 / z.std())
 
@@ -485,14 +489,14 @@ FIXED_AT_START = ("prediction_type", "text_table_steps")
 def _unet_predict(tokenizer, text, unet, cfg: UNetConfig, zt, t, prompts: list[str]) -> torch.Tensor:
     """The UNet's prediction for noisy latents ``zt`` (B, C, h, w) at timesteps ``t`` (B,): CLIP's 77 tokens."""
     ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    return unet(zt, t, encoder_hidden_states=text(ids).last_hidden_state).sample
+    return unet(zt, t, encoder_hidden_states=text(ids.to(zt.device)).last_hidden_state).sample
 
 
 def _dit_predict(tokenizer, text, dit, cfg: DiTConfig, zt, t, prompts: list[str]) -> torch.Tensor:
     """The DiT's prediction, its text as ``PixArtAlphaPipeline`` encodes it: T5 tokens padded to
     ``cfg.max_text_tokens`` with their attention mask, applied in the T5 encoder and in the cross-attention."""
     tok = tokenizer(prompts, padding="max_length", max_length=cfg.max_text_tokens, truncation=True,
-                    return_tensors="pt")
+                    return_tensors="pt").to(zt.device)
     cond = text(tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
     return dit(zt, encoder_hidden_states=cond, encoder_attention_mask=tok.attention_mask, timestep=t,
                added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
@@ -539,8 +543,11 @@ def train_dit(workdir: Path, steps: int, cfg: DiTConfig, seed: int, save_every: 
 
 def train_denoiser(stage: Stage, workdir: Path, steps: int, cfg: Recipe, seed: int, save_every: int,
                    snr_floor: float | None = None, latent_std: float | None = None,
-                   prediction_type: str | None = None, text_table_steps: int | None = None) -> None:
-    """Train (or resume) a stage's text encoder and denoiser on the VAE stage's latents.
+                   prediction_type: str | None = None, text_table_steps: int | None = None,
+                   device: str = "cpu") -> None:
+    """Train (or resume) a stage's text encoder and denoiser on the VAE stage's latents, on ``device`` (the
+    data, the noise and the timesteps are drawn on the CPU either way, so a run resumed on another device sees
+    the same data; its arithmetic differs in the last bits).
 
     ``snr_floor`` and ``latent_std`` left ``None`` keep the checkpoint's values (``cfg``'s for a new
     run); a number overrides it and, on resuming, is recorded as a recipe change. A changed
@@ -559,12 +566,14 @@ def train_denoiser(stage: Stage, workdir: Path, steps: int, cfg: Recipe, seed: i
     if cfg.prediction_type not in ("epsilon", "v_prediction"):
         raise SystemExit(f"unknown prediction_type {cfg.prediction_type!r}; valid: 'epsilon', 'v_prediction'")
     torch.manual_seed(seed)
-    vae = _load_vae(workdir)
+    dev = torch.device(device)
+    vae = _load_vae(workdir).to(dev)
     tokenizer = stage.tokenizer()
     text = stage.text_encoder(cfg, tokenizer)
     if cfg.text_table_steps:
         start_as_word_table(text)  # a resumed run loads its trained weights over this
     model = stage.denoiser(cfg, vae.config.latent_channels, _latent_side(vae, cfg))
+    text, model = text.to(dev), model.to(dev)
     ema_text, ema_model = copy.deepcopy(text).requires_grad_(False), copy.deepcopy(model).requires_grad_(False)
     params = list(text.parameters()) + list(model.parameters())
     opt = _adamw(params, lr=cfg.lr, weight_decay=1e-2)
@@ -614,19 +623,20 @@ def train_denoiser(stage: Stage, workdir: Path, steps: int, cfg: Recipe, seed: i
         b = _batch(ds, step, cfg.batch)
         prompts = ["" if torch.rand((), generator=gen) < cfg.cfg_dropout else p for p in b["prompt"]]
         with torch.no_grad():
-            post = vae.encode(b["pixels"]).latent_dist
-            z0 = (post.mean + post.std * torch.randn(post.mean.shape, generator=gen)) * scale
-        noise = torch.randn(z0.shape, generator=gen)
+            post = vae.encode(b["pixels"].to(dev)).latent_dist
+            z0 = (post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(dev)) * scale
+        noise = torch.randn(z0.shape, generator=gen).to(dev)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (z0.shape[0],), generator=gen)
-        zt = noise_sched.add_noise(z0, noise, t)
-        pred = stage.predict(tokenizer, text, model, cfg, zt, t, prompts)
-        # min-SNR-gamma plus the optional floor (see UNetConfig.snr_floor), as an x0 weight turned into the
+        zt = noise_sched.add_noise(z0, noise, t.to(dev))
+        pred = stage.predict(tokenizer, text, model, cfg, zt, t.to(dev), prompts)
+        # min-SNR-gamma plus the optional floor (see Recipe.snr_floor), as an x0 weight turned into the
         # weight of the predicted quantity: x0 errors are snr times smaller than epsilon's, snr + 1 than v's
         x0_weight = torch.clamp(snr[t], max=cfg.min_snr_gamma) + cfg.snr_floor
         if cfg.prediction_type == "v_prediction":
-            weight, target = x0_weight / (snr[t] + 1), noise_sched.get_velocity(z0, noise, t)
+            weight, target = x0_weight / (snr[t] + 1), noise_sched.get_velocity(z0, noise, t.to(dev))
         else:
             weight, target = x0_weight / snr[t], noise
+        weight = weight.to(dev)
         loss = (weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -929,6 +939,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     parser.add_argument("--tiny", action="store_true", help="tiny configs, for tests")
+    parser.add_argument("--device", default="cpu",
+                        help="unet, dit: where to train (cuda on a GPU machine; default cpu); data and noise are drawn "
+                        "on the CPU either way")
     parser.add_argument("--snr-floor", type=float, default=None,
                         help="unet, dit: x0-weight floor added to min-SNR weighting (UNetConfig.snr_floor; default: the "
                         "checkpoint's value, or 0 for a new run)")
@@ -983,11 +996,12 @@ def main(argv: list[str] | None = None) -> None:
         cfg = replace(TINY_UNET if args.tiny else UNetConfig(), **{k: v for k, v in arch.items() if v is not None})
         train_unet(args.workdir, args.steps, cfg, args.seed, args.save_every,
                    snr_floor=args.snr_floor, latent_std=args.latent_std,
-                   prediction_type=args.prediction_type, text_table_steps=args.text_table_steps)
+                   prediction_type=args.prediction_type, text_table_steps=args.text_table_steps,
+                   device=args.device)
     elif args.stage == "dit":
         train_dit(args.workdir, args.steps, TINY_DIT if args.tiny else DiTConfig(), args.seed, args.save_every,
                   snr_floor=args.snr_floor, latent_std=args.latent_std, prediction_type=args.prediction_type,
-                  text_table_steps=args.text_table_steps)
+                  text_table_steps=args.text_table_steps, device=args.device)
     elif args.stage == "pack":
         print(pack(args.workdir, args.pack))
     elif args.stage == "unpack":
