@@ -10,6 +10,12 @@ contain it) and knows the repository's layout, which the package does not. Its s
     python -m tools.shapes_model.train pack    --workdir runs/shapes
     python -m tools.shapes_model.train unpack  --workdir runs/shapes
     python -m tools.shapes_model.train text-path-current   # exit 0 if the text-path record fits the model
+    python -m tools.shapes_model.train dit     --workdir runs/shapes --steps 14000 --device cuda
+    python -m tools.shapes_model.train export  --denoiser dit --workdir runs/shapes --out attnlens/models/shapes-dit
+
+``dit`` trains the Shapes DiT (PixArt-alpha's architecture with a T5 encoder, on the same VAE stage; see
+``train.DiTConfig`` and the ``train`` module's docstring for the full recipe), which
+``attnlens.load_pipeline("shapes-dit")`` loads from ``attnlens/models/shapes-dit``.
 
 ``export`` and ``card`` write the model folder's ``training.json`` with its own rebuild commands
 (``"rebuild"``), which ``attnlens.load_pipeline`` prints for a damaged folder without importing this tool.

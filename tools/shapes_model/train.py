@@ -1,4 +1,5 @@
-"""Train the embedded Shapes model: VAE first, then CLIP text encoder + UNet.
+"""Train the embedded Shapes model: VAE first, then CLIP text encoder + UNet; and the Shapes DiT: a T5
+encoder + PixArt-alpha transformer on the same VAE (``dit``).
 
 Every stage is resumable: checkpoints are written atomically to ``WORKDIR/<stage>.safetensors``
 every ``--save-every`` steps, and a run started again continues from the last one. Data item ``i``
@@ -12,6 +13,18 @@ Usage::
     python -m tools.shapes_model.train export --workdir runs/shapes --out attnlens/models/shapes
     python -m benchmarks.shapes_quality      # the quality bar, then rewrite the model card with it:
     python -m tools.shapes_model.train card --out attnlens/models/shapes
+
+The Shapes DiT (issue 22; :class:`DiTConfig` gives its architecture, sizes and measured times) is the
+``dit`` stage: the same VAE stage (``WORKDIR/vae.safetensors``), data stream, noise schedule, loss, EMA and
+checkpoints as the ``unet`` stage (one loop, :func:`train_denoiser`), its checkpoint ``WORKDIR/dit.safetensors``,
+exported as a ``PixArtAlphaPipeline`` folder that ``attnlens.load_pipeline("shapes-dit")`` loads. The UNet
+run's recipe, on a GPU (``--device cuda``; on CPUs drop it and expect days)::
+
+    cp checkpoints/shapes-vae.safetensors runs/shapes/vae.safetensors          # the finished VAE stage
+    cp checkpoints/shapes-vae.safetensors.json runs/shapes/vae.safetensors.json
+    python -m tools.shapes_model.train dit --workdir runs/shapes --steps 14000 --device cuda \
+        --prediction-type v_prediction --text-table-steps 2000 --snr-floor 1.0
+    python -m tools.shapes_model.train export --denoiser dit --workdir runs/shapes --out attnlens/models/shapes-dit
 
 A run that must outlive its machine is packed into a file small enough to commit, and unpacked on the
 next machine (see :func:`pack`)::
@@ -27,8 +40,8 @@ every committed weight file stays in the history every full clone downloads.
 when ``benchmarks/results/shapes_text_path.json`` was measured on the embedded model's VAE, tokenizer and
 scheduler (``scripts/rebench.sh`` then skips that benchmark).
 
-The objective is the standard one of each part (reconstruction + KL for the VAE, the epsilon
-denoising loss for the UNet, with min-SNR weighting); nothing supervises attention.
+The objective is the standard one of each part (reconstruction + KL for the VAE, the epsilon or v
+denoising loss for the UNet and the DiT, with min-SNR weighting); nothing supervises attention.
 """
 
 from __future__ import annotations
