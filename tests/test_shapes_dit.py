@@ -75,6 +75,9 @@ def test_the_export_loads_with_plain_diffusers_and_holds_the_ema_weights(exporte
     commands = [r["command"] for r in record["rebuild"]]
     assert any(" dit " in c and "--prediction-type v_prediction" in c and "--text-table-steps 2" in c for c in commands)
     assert commands[-1].endswith("export --denoiser dit --workdir runs/shapes --out {out}")
+    before = record["rebuild"]
+    train.record_rebuild(out)  # what the card stage refreshes: the same commands for a DiT folder
+    assert json.loads((out / "training.json").read_text())["rebuild"] == before
 
 
 @needs_dit

@@ -909,7 +909,8 @@ def record_rebuild(folder: Path) -> Path:
     the record is kept as it is. Returns the record's path."""
     path = Path(folder) / "training.json"
     record = json.loads(path.read_text())
-    record["rebuild"] = rebuild_commands(record, UNetConfig())
+    stage = DIT if "dit_step" in record else UNET  # the export names its stage's step
+    record["rebuild"] = rebuild_commands(record, stage.config(), stage=stage.name)
     path.write_text(json.dumps(record, indent=1))
     return path
 
