@@ -17,8 +17,8 @@ Usage::
 The Shapes DiT (issue 22; :class:`DiTConfig` gives its architecture, sizes and measured times) is the
 ``dit`` stage: the same VAE stage (``WORKDIR/vae.safetensors``), data stream, noise schedule, loss, EMA and
 checkpoints as the ``unet`` stage (one loop, :func:`train_denoiser`), its checkpoint ``WORKDIR/dit.safetensors``,
-exported as a ``PixArtAlphaPipeline`` folder that ``attnlens.load_pipeline("shapes-dit")`` loads. The UNet
-run's recipe, on a GPU (``--device cuda``; on CPUs drop it and expect days)::
+exported as a ``PixArtAlphaPipeline`` folder that ``attnlens.load_pipeline("shapes-dit")`` loads. With the
+recipe flags the shipped UNet was trained with, on a GPU (``--device cuda``; on CPUs drop it and expect days)::
 
     cp checkpoints/shapes-vae.safetensors runs/shapes/vae.safetensors          # the finished VAE stage
     cp checkpoints/shapes-vae.safetensors.json runs/shapes/vae.safetensors.json
@@ -55,7 +55,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -155,7 +155,7 @@ class DiTConfig(Recipe):
     on 2 CPU cores at 25 steps):
 
     - ``patch_size`` 2: an 8x8 token grid (64 image tokens, each a 2x2 latent cell = 8x8 pixels), the grid of
-      the Shapes UNet's middle level (its 16x16 level has the finer maps). Patch 1 would give a 16x16 grid, but
+      the Shapes UNet's second level (its first level's maps are 16x16, the latent's own grid). Patch 1 would give a 16x16 grid, but
       four times the tokens cost more than three times the time: one forward of the untrained transformer on
       a batch of 2 (classifier-free guidance), 24 text tokens, 1 thread, measured UNDER LOAD (a busy 2-core
       machine, 2026-12-01): patch 2, 8 blocks, width 256: 41.6 ms (1.04 s for 25 steps, 18.1 MB fp16);
@@ -524,12 +524,13 @@ class Stage:
     ``ema_text``, ``ema_<name>``) and its log ``<name>_log.jsonl``."""
 
     name: str
-    config: type
+    config: type[Recipe]
     architecture: tuple[str, ...]  # fields a resumed run takes from its checkpoint
-    tokenizer: Any  # () -> tokenizer
-    text_encoder: Any  # (cfg, tokenizer) -> text encoder
-    denoiser: Any  # (cfg, latent_channels, sample_size) -> denoiser
-    predict: Any  # (tokenizer, text, denoiser, cfg, zt, t, prompts) -> prediction, zt's shape
+    tokenizer: Callable[[], Any]
+    text_encoder: Callable[[Any, Any], torch.nn.Module]  # (cfg, tokenizer) -> text encoder
+    denoiser: Callable[[Any, int, int], torch.nn.Module]  # (cfg, latent_channels, sample_size) -> denoiser
+    # (tokenizer, text, denoiser, cfg, zt, t, prompts) -> the prediction, zt's shape
+    predict: Callable[..., torch.Tensor]
 
 
 UNET = Stage("unet", UNetConfig, ARCHITECTURE, load_tokenizer, lambda cfg, tok: build_text_encoder(cfg), build_unet,
