@@ -152,3 +152,19 @@ def test_the_shipped_size_fits_the_budget():
     assert n * 2 < 25e6, n * 2
     assert dit.config.patch_size == 2 and dit.config.num_layers == 8 and dit.config.num_attention_heads * \
         dit.config.attention_head_dim == 256
+
+
+@needs_dit
+def test_padding_changes_nothing(exported):
+    """Trained at ``max_text_tokens`` with the attention mask, the DiT generates the same at PixArt's default
+    ``max_sequence_length`` (120) as at a length that just holds the prompt."""
+    _, out = exported
+    pipe = load_pipeline(out, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    images = [pipe("a small blue heart at the top", num_inference_steps=2, use_resolution_binning=False,
+                   clean_caption=False, output_type="pt", max_sequence_length=n,
+                   generator=torch.Generator().manual_seed(0)).images for n in (8, 120)]
+    torch.testing.assert_close(images[0], images[1], rtol=0, atol=1e-5)
+    assert (images[0] - pipe("a small red heart at the top", num_inference_steps=2, use_resolution_binning=False,
+                             clean_caption=False, output_type="pt", max_sequence_length=8,
+                             generator=torch.Generator().manual_seed(0)).images).abs().max() > 1e-4
