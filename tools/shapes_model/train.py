@@ -34,6 +34,7 @@ denoising loss for the UNet, with min-SNR weighting); nothing supervises attenti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import shutil
@@ -206,6 +207,19 @@ def build_scheduler(prediction_type: str = "epsilon"):
 # ------------------------------------------------------------------------------------------ helpers
 
 
+def _device(name: str | torch.device) -> torch.device:
+    """``name`` as a torch device, checked: ``cuda`` where none is present is an error naming what is."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: torch {torch.__version__} sees no CUDA device; valid here: cpu")
+    return device
+
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+"""unet stage, on CUDA: fp32 (the default, as on CPU), tf32 (fp32 storage, TF32 matmuls and convolutions) or
+bf16 (the forward passes under bf16 autocast; weights, optimizer and EMA stay fp32)."""
+
+
 def _batch(ds: ShapesDataset, step: int, size: int) -> dict:
     items = [ds[(step * size + i) % len(ds)] for i in range(size)]
     return {
@@ -232,7 +246,7 @@ def _progress(iterable, total: int, initial: int, desc: str):
     return tqdm(iterable, total=total, initial=initial, desc=desc, mininterval=5.0, file=sys.stderr)
 
 
-def vae_round_trip_report(vae, n: int = 256, seed: int = 10_000) -> dict:
+def vae_round_trip_report(vae, n: int = 256, seed: int = 10_000, device: str | torch.device = "cpu") -> dict:
     """Round-trip ``n`` held-out renders through the VAE and read them with the oracle.
 
     Returns the share of images whose every attribute survives, and the share per attribute.
@@ -247,9 +261,9 @@ def vae_round_trip_report(vae, n: int = 256, seed: int = 10_000) -> dict:
     with torch.no_grad():
         for start in range(0, n, 32):
             batch = [ds[i] for i in range(start, min(n, start + 32))]
-            x = torch.from_numpy(np.stack([b["pixels"] for b in batch]))
+            x = torch.from_numpy(np.stack([b["pixels"] for b in batch])).to(device)
             y = vae.decode(vae.encode(x).latent_dist.mode()).sample
-            images = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+            images = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
             for item, image in zip(batch, images):
                 r = read(image)
                 ok = True
@@ -267,9 +281,11 @@ def vae_round_trip_report(vae, n: int = 256, seed: int = 10_000) -> dict:
 # ------------------------------------------------------------------------------------------ stages
 
 
-def train_vae(workdir: Path, steps: int, cfg: VAEConfig, seed: int, save_every: int, eval_every: int) -> None:
+def train_vae(workdir: Path, steps: int, cfg: VAEConfig, seed: int, save_every: int, eval_every: int,
+              device: str = "cpu") -> None:
+    device = _device(device)
     torch.manual_seed(seed)
-    vae = build_vae(cfg)
+    vae = build_vae(cfg).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, steps))
     ckpt = workdir / "vae.safetensors"
@@ -286,11 +302,11 @@ def train_vae(workdir: Path, steps: int, cfg: VAEConfig, seed: int, save_every: 
     t0 = time.time()
     for step in _progress(range(start, steps), steps, start, "vae"):
         b = _batch(ds, step, cfg.batch)
-        x = b["pixels"]
-        weight = 1.0 + cfg.object_weight * b["mask"].float()[:, None]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = b["pixels"].to(device)
+        weight = 1.0 + cfg.object_weight * b["mask"].to(device).float()[:, None]
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             post = vae.encode(x).latent_dist
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(device)
             y = vae.decode(z).sample.float()
         err = y - x
         rec = ((err.abs() + err.pow(2)) * weight).mean()
@@ -306,7 +322,7 @@ def train_vae(workdir: Path, steps: int, cfg: VAEConfig, seed: int, save_every: 
             with log.open("a") as f:
                 f.write(json.dumps({"step": done, "rec": rec.item(), "kl": kl.item(), "s": time.time() - t0}) + "\n")
         if done % eval_every == 0 or done == steps:
-            report = vae_round_trip_report(vae)
+            report = vae_round_trip_report(vae, device=device)
             with log.open("a") as f:
                 f.write(json.dumps({"step": done, "round_trip": report}) + "\n")
             print(f"step {done}: round trip {report}", file=sys.stderr)
@@ -329,7 +345,7 @@ def _load_vae(workdir: Path):
 def latent_scale(vae, n: int = 512, seed: int = 20_000, size: int = 64) -> float:
     """1 / std of the VAE's latents over ``n`` renders at ``size``: Stable Diffusion's ``scaling_factor``."""
     ds = ShapesDataset(n, seed=seed, size=size)
-    x = torch.from_numpy(np.stack([ds[i]["pixels"] for i in range(n)]))
+    x = torch.from_numpy(np.stack([ds[i]["pixels"] for i in range(n)])).to(vae.device)
     z = torch.cat([vae.encode(x[i : i + 64]).latent_dist.mode() for i in range(0, n, 64)])
     return float(1.0 / z.std())
 
@@ -380,8 +396,9 @@ FIXED_AT_START = ("prediction_type", "text_table_steps")
 
 def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every: int,
                snr_floor: float | None = None, latent_std: float | None = None,
-               prediction_type: str | None = None, text_table_steps: int | None = None) -> None:
-    """Train (or resume) the text encoder and UNet.
+               prediction_type: str | None = None, text_table_steps: int | None = None,
+               device: str = "cpu", budget_minutes: float | None = None, precision: str = "fp32") -> int:
+    """Train (or resume) the text encoder and UNet; returns the step the run stopped at.
 
     ``snr_floor`` and ``latent_std`` left ``None`` keep the checkpoint's values (``cfg``'s for a new
     run); a number overrides it and, on resuming, is recorded as a recipe change. A changed
@@ -389,8 +406,26 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
     ``prediction_type`` and ``text_table_steps`` (see :class:`UNetConfig`) are fixed when a run starts:
     ``None`` takes the checkpoint's (``cfg``'s for a new run), and a different value for a resumed run is
     an error.
+
+    ``device``: where the models, batches and noise live (``"cuda"`` on a GPU). Every random draw is still
+    made on CPU generators and moved there, so a CPU run is the one it always was and a GPU run sees the same
+    data, noise and timesteps; checkpoints are written from CPU copies and resume on either device.
+    ``precision`` (:data:`PRECISIONS`) applies on CUDA only. ``budget_minutes``: stop cleanly, with a checkpoint,
+    once another step would overrun that much wall time since the call began (the schedule still runs to
+    ``steps``: call again to resume).
     """
+    t_call = time.time()
+    device = _device(device)
+    if precision not in PRECISIONS:
+        raise SystemExit(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    if precision != "fp32" and device.type != "cuda":
+        raise SystemExit(f"precision {precision!r} is for --device cuda; on {device.type} use fp32")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
     if (workdir / "unet.safetensors.json").exists():  # a resumed run rebuilds the architecture it was started with
+        if json.loads((workdir / "unet.safetensors.json").read_text())["meta"].get("ema_only"):
+            raise SystemExit(f"{workdir} holds only EMA weights (from ema-unpack): it exports but cannot resume; "
+                             "resume from a pack (pack/unpack) or start a new --workdir")
         saved = json.loads((workdir / "unet.safetensors.json").read_text())["meta"]["config"]
         cfg = replace(cfg, **{k: tuple(saved[k]) if isinstance(saved[k], list) else saved[k]
                               for k in ARCHITECTURE if k in saved})
@@ -399,12 +434,13 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
     if cfg.prediction_type not in ("epsilon", "v_prediction"):
         raise SystemExit(f"unknown prediction_type {cfg.prediction_type!r}; valid: 'epsilon', 'v_prediction'")
     torch.manual_seed(seed)
-    vae = _load_vae(workdir)
+    vae = _load_vae(workdir).to(device)
     tokenizer = load_tokenizer()
     text = build_text_encoder(cfg)
     if cfg.text_table_steps:
         start_as_word_table(text)  # a resumed run loads its trained weights over this
     unet = build_unet(cfg, latent_channels=vae.config.latent_channels, sample_size=_latent_side(vae, cfg))
+    text, unet = text.to(device), unet.to(device)  # built on CPU from the seeded CPU generator: the same init
     ema_text, ema_unet = copy.deepcopy(text).requires_grad_(False), copy.deepcopy(unet).requires_grad_(False)
     params = list(text.parameters()) + list(unet.parameters())
     opt = _adamw(params, lr=cfg.lr, weight_decay=1e-2)
@@ -447,7 +483,24 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
     log = workdir / "unet_log.jsonl"
     t0 = time.time()
     layers = _text_layers(text)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16") if device.type == "cuda" \
+        else contextlib.nullcontext()
+
+    def save(done: int) -> None:
+        save_checkpoint(ckpt, modules, {"opt": opt},
+                        {"step": done, "total_steps": steps, "config": asdict(cfg), "seed": seed,
+                         "scaling_factor": scale, "recipe_changes": changes})
+
+    done, slowest = start, 0.0
     for step in _progress(range(start, steps), steps, start, "unet"):
+        if budget_minutes is not None and step > start \
+                and time.time() - t_call + slowest > budget_minutes * 60:  # another step would overrun
+            if done % save_every:  # not saved at this step yet
+                save(done)
+            print(f"budget of {budget_minutes} min spent: stopped at step {done} of {steps} (checkpoint saved)",
+                  file=sys.stderr)
+            break
+        t_step = time.time()
         if step in (start, cfg.text_table_steps):
             for p in layers:  # frozen while the encoder is a word table
                 p.requires_grad_(step >= cfg.text_table_steps)
@@ -456,21 +509,22 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
         prompts = ["" if torch.rand((), generator=gen) < cfg.cfg_dropout else p for p in b["prompt"]]
         ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         with torch.no_grad():
-            post = vae.encode(b["pixels"]).latent_dist
-            z0 = (post.mean + post.std * torch.randn(post.mean.shape, generator=gen)) * scale
-        noise = torch.randn(z0.shape, generator=gen)
+            post = vae.encode(b["pixels"].to(device)).latent_dist
+            z0 = (post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(device)) * scale
+        noise = torch.randn(z0.shape, generator=gen).to(device)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (z0.shape[0],), generator=gen)
-        zt = noise_sched.add_noise(z0, noise, t)
-        cond = text(ids).last_hidden_state
-        pred = unet(zt, t, encoder_hidden_states=cond).sample
+        zt = noise_sched.add_noise(z0, noise, t.to(device))
+        with autocast:
+            cond = text(ids.to(device)).last_hidden_state
+            pred = unet(zt, t.to(device), encoder_hidden_states=cond).sample.float()
         # min-SNR-gamma plus the optional floor (see UNetConfig.snr_floor), as an x0 weight turned into the
         # weight of the predicted quantity: x0 errors are snr times smaller than epsilon's, snr + 1 than v's
         x0_weight = torch.clamp(snr[t], max=cfg.min_snr_gamma) + cfg.snr_floor
         if cfg.prediction_type == "v_prediction":
-            weight, target = x0_weight / (snr[t] + 1), noise_sched.get_velocity(z0, noise, t)
+            weight, target = x0_weight / (snr[t] + 1), noise_sched.get_velocity(z0, noise, t.to(device))
         else:
             weight, target = x0_weight / snr[t], noise
-        loss = (weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
+        loss = (weight.to(device) * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -485,9 +539,9 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
                 f.write(json.dumps({"step": done, "loss": loss.item(), "lr": sched.get_last_lr()[0],
                                     "s": time.time() - t0}) + "\n")
         if done % save_every == 0 or done == steps:
-            save_checkpoint(ckpt, modules, {"opt": opt},
-                            {"step": done, "total_steps": steps, "config": asdict(cfg), "seed": seed,
-                             "scaling_factor": scale, "recipe_changes": changes})
+            save(done)
+        slowest = max(slowest, time.time() - t_step)
+    return done
 
 
 PACK = CHECKPOINTS / "shapes-unet-resume.safetensors"
@@ -591,6 +645,105 @@ def unpack(src: Path, workdir: Path, vae: Path | None = None) -> Path:
     return ckpt
 
 
+EMA_PACK_KEYS = ("ema_text/", "ema_unet/")
+
+
+def _seeded_text_init(workdir: Path, cfg: UNetConfig, seed: int) -> torch.Tensor:
+    """The token embedding a run of ``seed`` started from: the modules built in train_unet's order."""
+    torch.manual_seed(seed)
+    _load_vae(workdir)
+    return build_text_encoder(cfg).get_input_embeddings().weight.detach()
+
+
+def ema_pack(workdir: Path, out: Path) -> Path:
+    """Write what a GPU run must bring back to export its model: the EMA weights (text encoder + UNet) in fp16
+    and the checkpoint's metadata and training log (``out`` + ``out.json``), small enough for the device
+    tool's 16 MiB per file (about 12.2 MiB for candB's architecture; see
+    benchmarks/results/shapes_self_attention_candidates.md).
+
+    Unlike :func:`pack` it cannot resume training (no raw weights, no optimizer state); :func:`ema_unpack`
+    turns it into a workdir that ``export`` reads. Of the 49,408-row token embedding it keeps the rows
+    training looked up (a non-zero second moment). Every other row never had a gradient: weight decay
+    and the EMA only scale it, all by the same factor, so it is stored as that one factor times the run's
+    seeded initialisation (``embedding_scale``; the largest difference that leaves, over those rows, is
+    recorded as ``embedding_scale_max_error``: rounding-level)."""
+    from safetensors.torch import load_file, save_file
+
+    workdir = Path(workdir)
+    ckpt = workdir / "unet.safetensors"
+    if not ckpt.exists():
+        raise SystemExit(f"no UNet checkpoint at {ckpt}: nothing to pack")
+    side = json.loads(ckpt.with_name(ckpt.name + ".json").read_text())
+    meta = side["meta"]
+    if meta.get("ema_only"):
+        raise SystemExit(f"{ckpt} was itself unpacked from an EMA pack; pack the run it came from")
+    tensors = load_file(str(ckpt))
+    embedding = "embeddings.token_embedding.weight"
+    sq = next(v for k, v in tensors.items()
+              if k.startswith("opt#") and k.endswith("/exp_avg_sq") and v.shape[0] == VOCAB_SIZE)
+    used = sq.abs().sum(1) > 0
+    rows = torch.nonzero(used).flatten()
+    cfg = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
+    init = _seeded_text_init(workdir, cfg, meta["seed"])
+    packed: dict[str, torch.Tensor] = {"embedding_rows": rows}
+    info: dict = {"vocab_size": VOCAB_SIZE}
+    for key, value in tensors.items():
+        if not key.startswith(EMA_PACK_KEYS):
+            continue
+        if key.endswith(embedding):
+            rest, base = value[~used].double(), init[~used].double()
+            c = float((rest * base).sum() / (base * base).sum()) if len(base) else 1.0
+            info["embedding_scale"] = c
+            info["embedding_scale_max_error"] = float((rest - c * base).abs().max()) if len(base) else 0.0
+            value = value[rows]
+        packed[key] = value.to(torch.float16) if value.is_floating_point() else value
+    log = workdir / "unet_log.jsonl"
+    info["log"] = log.read_text().splitlines() if log.exists() else []
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda tmp: save_file(packed, str(tmp)))
+    atomic_write(out.with_name(out.name + ".json"),
+                 lambda tmp: tmp.write_text(json.dumps({"meta": meta, "optimizers": {}, "ema_pack": info})))
+    return out
+
+
+def ema_unpack(src: Path, workdir: Path, vae: Path | None = None) -> Path:
+    """Rebuild from :func:`ema_pack`'s file a workdir that ``export`` reads: ``vae.safetensors`` (copied from
+    ``vae``, default ``checkpoints/shapes-vae.safetensors``, where the workdir has none), an EMA-only
+    ``unet.safetensors`` (fp32) whose metadata says so, and the training log. The unpacked workdir exports;
+    it cannot resume training (``pack``/``unpack`` carry a resumable run)."""
+    from safetensors.torch import load_file, save_file
+
+    src, workdir = Path(src), Path(workdir)
+    packed = load_file(str(src))
+    side = json.loads(src.with_name(src.name + ".json").read_text())
+    info = side.pop("ema_pack")
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not (workdir / "vae.safetensors").exists():
+        vae = Path(vae or PACK.with_name("shapes-vae.safetensors"))
+        for suffix in ("", ".json"):
+            shutil.copyfile(f"{vae}{suffix}", workdir / f"vae.safetensors{suffix}")
+    meta = side["meta"]
+    cfg = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
+    init = _seeded_text_init(workdir, cfg, meta["seed"])
+    rows = packed.pop("embedding_rows")
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in packed.items():
+        value = value.float() if value.is_floating_point() else value
+        if key.endswith("embeddings.token_embedding.weight"):
+            full = init * info["embedding_scale"]
+            full[rows] = value
+            value = full
+        tensors[key] = value.contiguous()
+    meta["ema_only"] = True
+    ckpt = workdir / "unet.safetensors"
+    atomic_write(ckpt, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(ckpt.with_name(ckpt.name + ".json"), lambda tmp: tmp.write_text(json.dumps(side)))
+    if info["log"]:
+        (workdir / "unet_log.jsonl").write_text("\n".join(info["log"]) + "\n")
+    return ckpt
+
+
 def copy_file(src: Path, dst: Path) -> None:
     """Put a copy of ``src`` at ``dst`` (replacing a file or link there). The embedded model's tokenizer files
     are real copies of the package's own: the repository holds no symbolic links (issue 21, Windows checkouts)."""
@@ -610,6 +763,8 @@ def export(workdir: Path, out: Path, use_ema: bool = True) -> Path:
     cfg = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
     text, unet = build_text_encoder(cfg), build_unet(cfg, latent_channels=vae.config.latent_channels,
                                                      sample_size=_latent_side(vae, cfg))
+    if not use_ema and meta.get("ema_only"):
+        raise SystemExit(f"{ckpt} holds only EMA weights (from ema-unpack): export it without --raw")
     key = ("ema_text", "ema_unet") if use_ema else ("text", "unet")
     load_checkpoint(ckpt, {key[0]: text, key[1]: unet}, {})
     vae.register_to_config(scaling_factor=meta["scaling_factor"])
@@ -729,8 +884,8 @@ def text_path_current(folder: Path = EMBEDDED, record: Path = TEXT_PATH) -> bool
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tools.shapes_model.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["vae", "unet", "export", "card", "pack", "unpack", "text-path-current",
-                                          "canonical-keys"],
+    parser.add_argument("stage", choices=["vae", "unet", "export", "card", "pack", "unpack", "ema-pack", "ema-unpack",
+                                          "text-path-current", "canonical-keys"],
                         help="card: rewrite the model card (README.md) of the --out folder from its training.json and "
                         "benchmarks/results/shapes_quality.json (run it after python -m benchmarks.shapes_quality), "
                         "and refresh the rebuild commands in its training.json; text-path-current: exit status 0 "
@@ -767,6 +922,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=None,
                         help="unet (new runs): render the world at this size for the UNet (default 64; 128 gives "
                              "32x32 latents through the same VAE)")
+    parser.add_argument("--device", default="cpu",
+                        help="vae, unet: where the models, batches and noise live (cpu, cuda, cuda:1, ...; default "
+                        "cpu). The random draws stay on CPU generators, so a CPU run is unchanged")
+    parser.add_argument("--budget-minutes", type=float, default=None,
+                        help="unet: stop cleanly (checkpoint saved) before the wall time since the start exceeds "
+                        "this; run the same command again to resume")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="unet on CUDA: fp32 (default), tf32 matmuls, or bf16 autocast forward passes")
     parser.add_argument("--out", type=Path, help="export, card: the diffusers folder to write")
     parser.add_argument("--raw", action="store_true",
                         help="export: the raw weights instead of their EMA (early in a run the EMA still "
@@ -774,6 +937,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pack", type=Path, default=PACK,
                         help="pack, unpack: the compact resumable copy of the UNet stage to write or read "
                         "(default checkpoints/shapes-unet-resume.safetensors)")
+    parser.add_argument("--ema-pack", type=Path, default=None,
+                        help="ema-pack, ema-unpack: the EMA weights + metadata file a GPU run brings back (default "
+                        "WORKDIR/ema-pack.safetensors)")
     parser.add_argument("--results", type=Path, default=None,
                         help="card: the quality bar's results (default benchmarks/results/shapes_quality.json)")
     args = parser.parse_args(argv)
@@ -788,7 +954,7 @@ def main(argv: list[str] | None = None) -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.stage == "vae":
         train_vae(args.workdir, args.steps, TINY_VAE if args.tiny else VAEConfig(), args.seed,
-                  args.save_every, args.eval_every)
+                  args.save_every, args.eval_every, device=args.device)
     elif args.stage == "unet":
         arch = {"layers_per_block": args.layers_per_block, "transformer_layers": args.transformer_layers,
                 "attention_levels": tuple(args.attention_levels) if args.attention_levels else None,
@@ -796,11 +962,16 @@ def main(argv: list[str] | None = None) -> None:
         cfg = replace(TINY_UNET if args.tiny else UNetConfig(), **{k: v for k, v in arch.items() if v is not None})
         train_unet(args.workdir, args.steps, cfg, args.seed, args.save_every,
                    snr_floor=args.snr_floor, latent_std=args.latent_std,
-                   prediction_type=args.prediction_type, text_table_steps=args.text_table_steps)
+                   prediction_type=args.prediction_type, text_table_steps=args.text_table_steps,
+                   device=args.device, budget_minutes=args.budget_minutes, precision=args.precision)
     elif args.stage == "pack":
         print(pack(args.workdir, args.pack))
     elif args.stage == "unpack":
         print(unpack(args.pack, args.workdir))
+    elif args.stage == "ema-pack":
+        print(ema_pack(args.workdir, args.ema_pack or args.workdir / "ema-pack.safetensors"))
+    elif args.stage == "ema-unpack":
+        print(ema_unpack(args.ema_pack or args.workdir / "ema-pack.safetensors", args.workdir))
     elif args.stage == "card":
         if args.out is None:
             parser.error("card needs --out (the exported model folder)")
