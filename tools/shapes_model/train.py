@@ -19,6 +19,15 @@ next machine (see :func:`pack`)::
     python -m tools.shapes_model.train pack   --workdir runs/shapes   # -> checkpoints/shapes-unet-resume.safetensors
     python -m tools.shapes_model.train unpack --workdir runs/shapes   # then resume with the unet stage
 
+On a GPU (``--device cuda``; ``--budget-minutes`` stops a run cleanly inside a time limit, and the same command
+resumes it), what a run must bring back to be exported elsewhere is its EMA weights, under 16 MiB::
+
+    python -m tools.shapes_model.train ema-pack   --workdir runs/candB   # -> runs/candB/ema-pack.safetensors
+    python -m tools.shapes_model.train ema-unpack --workdir runs/candB_gpu --ema-pack ema-pack.safetensors
+    python -m tools.shapes_model.train export     --workdir runs/candB_gpu --out runs/candB_gpu/export
+
+(``scripts/gpu_shapes.sh`` trains several candidates at once on one GPU and returns their EMA packs.)
+
 Commit a pack only while a run must resume on another machine, and a model folder only when it ships:
 every committed weight file stays in the history every full clone downloads.
 
@@ -397,7 +406,8 @@ FIXED_AT_START = ("prediction_type", "text_table_steps")
 def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every: int,
                snr_floor: float | None = None, latent_std: float | None = None,
                prediction_type: str | None = None, text_table_steps: int | None = None,
-               device: str = "cpu", budget_minutes: float | None = None, precision: str = "fp32") -> int:
+               device: str = "cpu", budget_minutes: float | None = None, precision: str = "fp32",
+               stop_at: int | None = None) -> int:
     """Train (or resume) the text encoder and UNet; returns the step the run stopped at.
 
     ``snr_floor`` and ``latent_std`` left ``None`` keep the checkpoint's values (``cfg``'s for a new
@@ -412,7 +422,8 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
     data, noise and timesteps; checkpoints are written from CPU copies and resume on either device.
     ``precision`` (:data:`PRECISIONS`) applies on CUDA only. ``budget_minutes``: stop cleanly, with a checkpoint,
     once another step would overrun that much wall time since the call began (the schedule still runs to
-    ``steps``: call again to resume).
+    ``steps``: call again to resume). ``stop_at``: stop (checkpoint saved) at that step of the ``steps``-step
+    schedule, so runs of different speeds can be compared at the same step.
     """
     t_call = time.time()
     device = _device(device)
@@ -492,7 +503,8 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
                          "scaling_factor": scale, "recipe_changes": changes})
 
     done, slowest = start, 0.0
-    for step in _progress(range(start, steps), steps, start, "unet"):
+    end = steps if stop_at is None else min(steps, stop_at)
+    for step in _progress(range(start, end), steps, start, "unet"):
         if budget_minutes is not None and step > start \
                 and time.time() - t_call + slowest > budget_minutes * 60:  # another step would overrun
             if done % save_every:  # not saved at this step yet
@@ -538,7 +550,7 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
             with log.open("a") as f:
                 f.write(json.dumps({"step": done, "loss": loss.item(), "lr": sched.get_last_lr()[0],
                                     "s": time.time() - t0}) + "\n")
-        if done % save_every == 0 or done == steps:
+        if done % save_every == 0 or done in (steps, end):
             save(done)
         slowest = max(slowest, time.time() - t_step)
     return done
@@ -928,6 +940,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget-minutes", type=float, default=None,
                         help="unet: stop cleanly (checkpoint saved) before the wall time since the start exceeds "
                         "this; run the same command again to resume")
+    parser.add_argument("--stop-at", type=int, default=None,
+                        help="unet: stop (checkpoint saved) at this step of the --steps schedule")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="unet on CUDA: fp32 (default), tf32 matmuls, or bf16 autocast forward passes")
     parser.add_argument("--out", type=Path, help="export, card: the diffusers folder to write")
@@ -963,7 +977,8 @@ def main(argv: list[str] | None = None) -> None:
         train_unet(args.workdir, args.steps, cfg, args.seed, args.save_every,
                    snr_floor=args.snr_floor, latent_std=args.latent_std,
                    prediction_type=args.prediction_type, text_table_steps=args.text_table_steps,
-                   device=args.device, budget_minutes=args.budget_minutes, precision=args.precision)
+                   device=args.device, budget_minutes=args.budget_minutes, precision=args.precision,
+                   stop_at=args.stop_at)
     elif args.stage == "pack":
         print(pack(args.workdir, args.pack))
     elif args.stage == "unpack":
