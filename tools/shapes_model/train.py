@@ -494,8 +494,10 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
     log = workdir / "unet_log.jsonl"
     t0 = time.time()
     layers = _text_layers(text)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16") if device.type == "cuda" \
-        else contextlib.nullcontext()
+    def autocast():  # a fresh context each step; bf16 only on CUDA when asked for
+        if device.type == "cuda" and precision == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def save(done: int) -> None:
         save_checkpoint(ckpt, modules, {"opt": opt},
@@ -526,7 +528,7 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
         noise = torch.randn(z0.shape, generator=gen).to(device)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (z0.shape[0],), generator=gen)
         zt = noise_sched.add_noise(z0, noise, t.to(device))
-        with autocast:
+        with autocast():
             cond = text(ids.to(device)).last_hidden_state
             pred = unet(zt, t.to(device), encoder_hidden_states=cond).sample.float()
         # min-SNR-gamma plus the optional floor (see UNetConfig.snr_floor), as an x0 weight turned into the
