@@ -106,7 +106,7 @@ for run in $RUNS; do
   last=$(tail -n 1 "$w/unet_log.jsonl" 2>/dev/null)
   packed=no
   if [ "$step" != none ] && $TRAIN ema-pack --workdir "$w" >>"$w/train.log" 2>&1; then packed=yes; fi
-  files=$(cd "$w" && ls ema-pack.safetensors ema-pack.safetensors.json unet.safetensors.json unet_log.jsonl train.log 2>/dev/null)
+  files=$(cd "$w" && ls ema-pack.safetensors ema-pack.safetensors.json unet_log.jsonl train.log 2>/dev/null)
   # shellcheck disable=SC2086
   tar -cf "$OUT/$run.tar" -C "$w" $files
   size=$(stat -c %s "$OUT/$run.tar")

@@ -50,7 +50,8 @@ def test_a_run_stopped_by_its_budget_and_resumed_is_the_uninterrupted_run(tmp_pa
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"resumed run differs in {len(different)} tensors, e.g. {different[:3]}"
-    assert json.loads((split / "unet.safetensors.json").read_text())["meta"]["recipe_changes"] == []
+    meta = json.loads((split / "unet.safetensors.json").read_text())["meta"]
+    assert meta["recipe_changes"] == [] and [(g["step"], g["device"]) for g in meta["segments"]] == [(0, "cpu"), (1, "cpu")]
     with pytest.raises(SystemExit, match="precision 'bf16' is for --device cuda"):
         _unet(tmp_path / "whole", "--precision", "bf16")
 
@@ -116,4 +117,5 @@ def test_a_cuda_run_follows_the_cpu_run_and_checkpoints_cross_devices(tmp_path):
     worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a if k.startswith("ema_unet/"))
     assert worst < 1e-3, worst  # the same data, noise and timesteps: only float rounding differs
     _unet(gpu, "--device", "cuda", "--stop-at", "4", "--steps", "4")  # and back onto the GPU
-    assert json.loads((gpu / "unet.safetensors.json").read_text())["meta"]["step"] == 4
+    meta = json.loads((gpu / "unet.safetensors.json").read_text())["meta"]
+    assert meta["step"] == 4 and [(g["step"], g["device"]) for g in meta["segments"]] == [(0, "cuda"), (2, "cpu"), (3, "cuda")]

@@ -458,12 +458,13 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, steps))
     ckpt = workdir / "unet.safetensors"
     modules = {"text": text, "unet": unet, "ema_text": ema_text, "ema_unet": ema_unet}
-    start, scale, changes = 0, None, []
+    start, scale, changes, segments = 0, None, [], []
     given = {"snr_floor": snr_floor, "latent_std": latent_std}
     if ckpt.exists():
         meta = load_checkpoint(ckpt, modules, {"opt": opt})
         start, scale = meta["step"], meta["scaling_factor"]
         changes = list(meta.get("recipe_changes", []))
+        segments = list(meta.get("segments", []))
         # keys older checkpoints lack take the values those runs used (the defaults of their time)
         old = {**asdict(UNetConfig()), "latent_std": 1.0, **meta["config"]}
         clash = {k: old[k] for k, v in fixed.items() if v is not None and v != old[k]}
@@ -487,6 +488,8 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
         cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
     if scale is None:
         scale = latent_scale(vae, size=cfg.image_size) * cfg.latent_std
+    # where each stretch of the run trained (the data and noise are the same on every device; the rounding is not)
+    segments.append({"step": start, "device": device.type, "precision": precision})
     noise_sched = build_scheduler(cfg.prediction_type)
     alphas = noise_sched.alphas_cumprod
     snr = alphas / (1 - alphas)
@@ -502,7 +505,7 @@ def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every
     def save(done: int) -> None:
         save_checkpoint(ckpt, modules, {"opt": opt},
                         {"step": done, "total_steps": steps, "config": asdict(cfg), "seed": seed,
-                         "scaling_factor": scale, "recipe_changes": changes})
+                         "scaling_factor": scale, "recipe_changes": changes, "segments": segments})
 
     done, slowest = start, 0.0
     end = steps if stop_at is None else min(steps, stop_at)
