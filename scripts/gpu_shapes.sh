@@ -31,6 +31,7 @@
 #
 # Environment: DEVICE (cuda), TINY (0), BUDGET (minutes per run; 7, or 0.15 with TINY=1), STEPS (the schedule,
 # 10000), STOP_AT (stop every run at this step, e.g. to compare at equal steps; default: the budget decides),
+# CHECK (1: run tests/test_gpu_script.py's CUDA test first; its result goes to $OUT/check.txt),
 # RUNS (which of the runs above, default all four), THREADS (torch threads per run, 3), PRECISION (fp32),
 # OUT ($OUT of the device tool, else /tmp/gpu_shapes_out), WORK (/tmp/gpu_shapes), PY (python3).
 set -u
@@ -57,6 +58,9 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 $PY -c "import torch, diffusers, transformers, attnlens; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" || exit 2
 [ "$DEVICE" = cpu ] || nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+if [ "${CHECK:-0}" = 1 ]; then  # opt-in, about a minute: the CUDA test of train.py's device path first
+  $PY -m pytest -x -q -p no:cacheprovider tests/test_gpu_script.py -k cuda 2>&1 | tail -n 3 | tee "$OUT/check.txt"
+fi
 
 flags() {  # the UNet levers of each run
   case $1 in

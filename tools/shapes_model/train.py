@@ -675,7 +675,7 @@ def _seeded_text_init(workdir: Path, cfg: UNetConfig, seed: int) -> torch.Tensor
 def ema_pack(workdir: Path, out: Path) -> Path:
     """Write what a GPU run must bring back to export its model: the EMA weights (text encoder + UNet) in fp16
     and the checkpoint's metadata and training log (``out`` + ``out.json``), small enough for the device
-    tool's 16 MiB per file (about 12.2 MiB for candB's architecture; see
+    tool's 16 MiB per file (12.3 MiB for candB's architecture; see
     benchmarks/results/shapes_self_attention_candidates.md).
 
     Unlike :func:`pack` it cannot resume training (no raw weights, no optimizer state); :func:`ema_unpack`
