@@ -25,7 +25,7 @@ from tools.shapes_model.train import UNetConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 RECIPE_FLAGS = {"layers_per_block": "--layers-per-block", "transformer_layers": "--transformer-layers",
-                "attention_levels": "--attention-levels"}
+                "attention_levels": "--attention-levels", "image_size": "--image-size"}
 
 
 def sec_per_step(log: Path, step: int) -> float | None:

@@ -32,6 +32,15 @@ next machine (see :func:`pack`)::
     python -m tools.shapes_model.train pack   --workdir runs/shapes   # -> checkpoints/shapes-unet-resume.safetensors
     python -m tools.shapes_model.train unpack --workdir runs/shapes   # then resume with the unet stage
 
+On a GPU (``--device cuda``; ``--budget-minutes`` stops a run cleanly inside a time limit, and the same command
+resumes it), what a run must bring back to be exported elsewhere is its EMA weights, under 16 MiB::
+
+    python -m tools.shapes_model.train ema-pack   --workdir runs/candB   # -> runs/candB/ema-pack.safetensors
+    python -m tools.shapes_model.train ema-unpack --workdir runs/candB_gpu --ema-pack ema-pack.safetensors
+    python -m tools.shapes_model.train export     --workdir runs/candB_gpu --out runs/candB_gpu/export
+
+(``scripts/gpu_shapes.sh`` trains several candidates at once on one GPU and returns their EMA packs.)
+
 Commit a pack only while a run must resume on another machine, and a model folder only when it ships:
 every committed weight file stays in the history every full clone downloads.
 
@@ -47,6 +56,7 @@ denoising loss for the UNet and the DiT, with min-SNR weighting); nothing superv
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import shutil
@@ -325,6 +335,19 @@ def build_scheduler(prediction_type: str = "epsilon"):
 # ------------------------------------------------------------------------------------------ helpers
 
 
+def _device(name: str | torch.device) -> torch.device:
+    """``name`` as a torch device, checked: ``cuda`` where none is present is an error naming what is."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: torch {torch.__version__} sees no CUDA device; valid here: cpu")
+    return device
+
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+"""unet stage, on CUDA: fp32 (the default, as on CPU), tf32 (fp32 storage, TF32 matmuls and convolutions) or
+bf16 (the forward passes under bf16 autocast; weights, optimizer and EMA stay fp32)."""
+
+
 def _batch(ds: ShapesDataset, step: int, size: int) -> dict:
     items = [ds[(step * size + i) % len(ds)] for i in range(size)]
     return {
@@ -351,7 +374,7 @@ def _progress(iterable, total: int, initial: int, desc: str):
     return tqdm(iterable, total=total, initial=initial, desc=desc, mininterval=5.0, file=sys.stderr)
 
 
-def vae_round_trip_report(vae, n: int = 256, seed: int = 10_000) -> dict:
+def vae_round_trip_report(vae, n: int = 256, seed: int = 10_000, device: str | torch.device = "cpu") -> dict:
     """Round-trip ``n`` held-out renders through the VAE and read them with the oracle.
 
     Returns the share of images whose every attribute survives, and the share per attribute.
@@ -366,9 +389,9 @@ def vae_round_trip_report(vae, n: int = 256, seed: int = 10_000) -> dict:
     with torch.no_grad():
         for start in range(0, n, 32):
             batch = [ds[i] for i in range(start, min(n, start + 32))]
-            x = torch.from_numpy(np.stack([b["pixels"] for b in batch]))
+            x = torch.from_numpy(np.stack([b["pixels"] for b in batch])).to(device)
             y = vae.decode(vae.encode(x).latent_dist.mode()).sample
-            images = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+            images = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
             for item, image in zip(batch, images):
                 r = read(image)
                 ok = True
@@ -386,9 +409,11 @@ def vae_round_trip_report(vae, n: int = 256, seed: int = 10_000) -> dict:
 # ------------------------------------------------------------------------------------------ stages
 
 
-def train_vae(workdir: Path, steps: int, cfg: VAEConfig, seed: int, save_every: int, eval_every: int) -> None:
+def train_vae(workdir: Path, steps: int, cfg: VAEConfig, seed: int, save_every: int, eval_every: int,
+              device: str = "cpu") -> None:
+    device = _device(device)
     torch.manual_seed(seed)
-    vae = build_vae(cfg)
+    vae = build_vae(cfg).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, steps))
     ckpt = workdir / "vae.safetensors"
@@ -405,11 +430,11 @@ def train_vae(workdir: Path, steps: int, cfg: VAEConfig, seed: int, save_every: 
     t0 = time.time()
     for step in _progress(range(start, steps), steps, start, "vae"):
         b = _batch(ds, step, cfg.batch)
-        x = b["pixels"]
-        weight = 1.0 + cfg.object_weight * b["mask"].float()[:, None]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = b["pixels"].to(device)
+        weight = 1.0 + cfg.object_weight * b["mask"].to(device).float()[:, None]
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             post = vae.encode(x).latent_dist
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(device)
             y = vae.decode(z).sample.float()
         err = y - x
         rec = ((err.abs() + err.pow(2)) * weight).mean()
@@ -425,7 +450,7 @@ def train_vae(workdir: Path, steps: int, cfg: VAEConfig, seed: int, save_every: 
             with log.open("a") as f:
                 f.write(json.dumps({"step": done, "rec": rec.item(), "kl": kl.item(), "s": time.time() - t0}) + "\n")
         if done % eval_every == 0 or done == steps:
-            report = vae_round_trip_report(vae)
+            report = vae_round_trip_report(vae, device=device)
             with log.open("a") as f:
                 f.write(json.dumps({"step": done, "round_trip": report}) + "\n")
             print(f"step {done}: round trip {report}", file=sys.stderr)
@@ -545,23 +570,25 @@ def _config(stage: Stage, saved: dict):
     return stage.config(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
 
 
-def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every: int, **recipe) -> None:
-    """Train (or resume) the text encoder and UNet (:func:`train_denoiser` with the ``unet`` stage)."""
-    train_denoiser(UNET, workdir, steps, cfg, seed, save_every, **recipe)
+def train_unet(workdir: Path, steps: int, cfg: UNetConfig, seed: int, save_every: int, **recipe) -> int:
+    """Train (or resume) the text encoder and UNet (:func:`train_denoiser` with the ``unet`` stage); returns the
+    step the run stopped at."""
+    return train_denoiser(UNET, workdir, steps, cfg, seed, save_every, **recipe)
 
 
-def train_dit(workdir: Path, steps: int, cfg: DiTConfig, seed: int, save_every: int, **recipe) -> None:
-    """Train (or resume) the T5 encoder and PixArt transformer (:func:`train_denoiser` with the ``dit`` stage)."""
-    train_denoiser(DIT, workdir, steps, cfg, seed, save_every, **recipe)
+def train_dit(workdir: Path, steps: int, cfg: DiTConfig, seed: int, save_every: int, **recipe) -> int:
+    """Train (or resume) the T5 encoder and PixArt transformer (:func:`train_denoiser` with the ``dit`` stage);
+    returns the step the run stopped at."""
+    return train_denoiser(DIT, workdir, steps, cfg, seed, save_every, **recipe)
 
 
 def train_denoiser(stage: Stage, workdir: Path, steps: int, cfg: Recipe, seed: int, save_every: int,
                    snr_floor: float | None = None, latent_std: float | None = None,
                    prediction_type: str | None = None, text_table_steps: int | None = None,
-                   device: str = "cpu") -> None:
-    """Train (or resume) a stage's text encoder and denoiser on the VAE stage's latents, on ``device`` (the
-    data, the noise and the timesteps are drawn on the CPU either way, so a run resumed on another device sees
-    the same data; its arithmetic differs in the last bits).
+                   device: str = "cpu", budget_minutes: float | None = None, precision: str = "fp32",
+                   stop_at: int | None = None) -> int:
+    """Train (or resume) a stage's text encoder and denoiser on the VAE stage's latents; returns the step the run
+    stopped at.
 
     ``snr_floor`` and ``latent_std`` left ``None`` keep the checkpoint's values (``cfg``'s for a new
     run); a number overrides it and, on resuming, is recorded as a recipe change. A changed
@@ -569,9 +596,28 @@ def train_denoiser(stage: Stage, workdir: Path, steps: int, cfg: Recipe, seed: i
     ``prediction_type`` and ``text_table_steps`` (see :class:`Recipe`) are fixed when a run starts:
     ``None`` takes the checkpoint's (``cfg``'s for a new run), and a different value for a resumed run is
     an error.
+
+    ``device``: where the models, batches and noise live (``"cuda"`` on a GPU). Every random draw is still
+    made on CPU generators and moved there, so a CPU run is the one it always was and a GPU run sees the same
+    data, noise and timesteps; checkpoints are written from CPU copies and resume on either device.
+    ``precision`` (:data:`PRECISIONS`) applies on CUDA only. ``budget_minutes``: stop cleanly, with a checkpoint,
+    once another step would overrun that much wall time since the call began (the schedule still runs to
+    ``steps``: call again to resume). ``stop_at``: stop (checkpoint saved) at that step of the ``steps``-step
+    schedule, so runs of different speeds can be compared at the same step.
     """
+    t_call = time.time()
+    device = _device(device)
+    if precision not in PRECISIONS:
+        raise SystemExit(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    if precision != "fp32" and device.type != "cuda":
+        raise SystemExit(f"precision {precision!r} is for --device cuda; on {device.type} use fp32")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
     ckpt = workdir / f"{stage.name}.safetensors"
     if ckpt.with_name(ckpt.name + ".json").exists():  # a resumed run rebuilds the architecture it was started with
+        if json.loads(ckpt.with_name(ckpt.name + ".json").read_text())["meta"].get("ema_only"):
+            raise SystemExit(f"{workdir} holds only EMA weights (from ema-unpack): it exports but cannot resume; "
+                             "resume from a pack (pack/unpack) or start a new --workdir")
         saved = json.loads(ckpt.with_name(ckpt.name + ".json").read_text())["meta"]["config"]
         cfg = replace(cfg, **{k: tuple(saved[k]) if isinstance(saved[k], list) else saved[k]
                               for k in stage.architecture if k in saved})
@@ -580,25 +626,25 @@ def train_denoiser(stage: Stage, workdir: Path, steps: int, cfg: Recipe, seed: i
     if cfg.prediction_type not in ("epsilon", "v_prediction"):
         raise SystemExit(f"unknown prediction_type {cfg.prediction_type!r}; valid: 'epsilon', 'v_prediction'")
     torch.manual_seed(seed)
-    dev = torch.device(device)
-    vae = _load_vae(workdir).to(dev)
+    vae = _load_vae(workdir).to(device)
     tokenizer = stage.tokenizer()
     text = stage.text_encoder(cfg, tokenizer)
     if cfg.text_table_steps:
         start_as_word_table(text)  # a resumed run loads its trained weights over this
     model = stage.denoiser(cfg, vae.config.latent_channels, _latent_side(vae, cfg))
-    text, model = text.to(dev), model.to(dev)
+    text, model = text.to(device), model.to(device)  # built on CPU from the seeded CPU generator: the same init
     ema_text, ema_model = copy.deepcopy(text).requires_grad_(False), copy.deepcopy(model).requires_grad_(False)
     params = list(text.parameters()) + list(model.parameters())
     opt = _adamw(params, lr=cfg.lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, steps))
     modules = {"text": text, stage.name: model, "ema_text": ema_text, f"ema_{stage.name}": ema_model}
-    start, scale, changes = 0, None, []
+    start, scale, changes, segments = 0, None, [], []
     given = {"snr_floor": snr_floor, "latent_std": latent_std}
     if ckpt.exists():
         meta = load_checkpoint(ckpt, modules, {"opt": opt})
         start, scale = meta["step"], meta["scaling_factor"]
         changes = list(meta.get("recipe_changes", []))
+        segments = list(meta.get("segments", []))
         # keys older checkpoints lack take the values those runs used (the defaults of their time)
         old = {**asdict(stage.config()), "latent_std": 1.0, **meta["config"]}
         clash = {k: old[k] for k, v in fixed.items() if v is not None and v != old[k]}
@@ -622,6 +668,8 @@ def train_denoiser(stage: Stage, workdir: Path, steps: int, cfg: Recipe, seed: i
         cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
     if scale is None:
         scale = latent_scale(vae, size=cfg.image_size) * cfg.latent_std
+    # where each stretch of the run trained (the data and noise are the same on every device; the rounding is not)
+    segments.append({"step": start, "device": device.type, "precision": precision})
     noise_sched = build_scheduler(cfg.prediction_type)
     alphas = noise_sched.alphas_cumprod
     snr = alphas / (1 - alphas)
@@ -629,7 +677,27 @@ def train_denoiser(stage: Stage, workdir: Path, steps: int, cfg: Recipe, seed: i
     log = workdir / f"{stage.name}_log.jsonl"
     t0 = time.time()
     layers = _text_layers(text)
-    for step in _progress(range(start, steps), steps, start, stage.name):
+    def autocast():  # a fresh context each step; bf16 only on CUDA when asked for
+        if device.type == "cuda" and precision == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def save(done: int) -> None:
+        save_checkpoint(ckpt, modules, {"opt": opt},
+                        {"step": done, "total_steps": steps, "config": asdict(cfg), "seed": seed,
+                         "scaling_factor": scale, "recipe_changes": changes, "segments": segments})
+
+    done, slowest = start, 0.0
+    end = steps if stop_at is None else min(steps, stop_at)
+    for step in _progress(range(start, end), steps, start, stage.name):
+        if budget_minutes is not None and step > start \
+                and time.time() - t_call + slowest > budget_minutes * 60:  # another step would overrun
+            if done % save_every:  # not saved at this step yet
+                save(done)
+            print(f"budget of {budget_minutes} min spent: stopped at step {done} of {steps} (checkpoint saved)",
+                  file=sys.stderr)
+            break
+        t_step = time.time()
         if step in (start, cfg.text_table_steps):
             for p in layers:  # frozen while the encoder is a word table
                 p.requires_grad_(step >= cfg.text_table_steps)
@@ -637,21 +705,21 @@ def train_denoiser(stage: Stage, workdir: Path, steps: int, cfg: Recipe, seed: i
         b = _batch(ds, step, cfg.batch)
         prompts = ["" if torch.rand((), generator=gen) < cfg.cfg_dropout else p for p in b["prompt"]]
         with torch.no_grad():
-            post = vae.encode(b["pixels"].to(dev)).latent_dist
-            z0 = (post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(dev)) * scale
-        noise = torch.randn(z0.shape, generator=gen).to(dev)
+            post = vae.encode(b["pixels"].to(device)).latent_dist
+            z0 = (post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(device)) * scale
+        noise = torch.randn(z0.shape, generator=gen).to(device)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (z0.shape[0],), generator=gen)
-        zt = noise_sched.add_noise(z0, noise, t.to(dev))
-        pred = stage.predict(tokenizer, text, model, cfg, zt, t.to(dev), prompts)
+        zt = noise_sched.add_noise(z0, noise, t.to(device))
+        with autocast():
+            pred = stage.predict(tokenizer, text, model, cfg, zt, t.to(device), prompts).float()
         # min-SNR-gamma plus the optional floor (see Recipe.snr_floor), as an x0 weight turned into the
         # weight of the predicted quantity: x0 errors are snr times smaller than epsilon's, snr + 1 than v's
         x0_weight = torch.clamp(snr[t], max=cfg.min_snr_gamma) + cfg.snr_floor
         if cfg.prediction_type == "v_prediction":
-            weight, target = x0_weight / (snr[t] + 1), noise_sched.get_velocity(z0, noise, t.to(dev))
+            weight, target = x0_weight / (snr[t] + 1), noise_sched.get_velocity(z0, noise, t.to(device))
         else:
             weight, target = x0_weight / snr[t], noise
-        weight = weight.to(dev)
-        loss = (weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
+        loss = (weight.to(device) * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -665,10 +733,10 @@ def train_denoiser(stage: Stage, workdir: Path, steps: int, cfg: Recipe, seed: i
             with log.open("a") as f:
                 f.write(json.dumps({"step": done, "loss": loss.item(), "lr": sched.get_last_lr()[0],
                                     "s": time.time() - t0}) + "\n")
-        if done % save_every == 0 or done == steps:
-            save_checkpoint(ckpt, modules, {"opt": opt},
-                            {"step": done, "total_steps": steps, "config": asdict(cfg), "seed": seed,
-                             "scaling_factor": scale, "recipe_changes": changes})
+        if done % save_every == 0 or done in (steps, end):
+            save(done)
+        slowest = max(slowest, time.time() - t_step)
+    return done
 
 
 PACK = CHECKPOINTS / "shapes-unet-resume.safetensors"
@@ -772,6 +840,105 @@ def unpack(src: Path, workdir: Path, vae: Path | None = None) -> Path:
     return ckpt
 
 
+EMA_PACK_KEYS = ("ema_text/", "ema_unet/")
+
+
+def _seeded_text_init(workdir: Path, cfg: UNetConfig, seed: int) -> torch.Tensor:
+    """The token embedding a run of ``seed`` started from: the modules built in train_unet's order."""
+    torch.manual_seed(seed)
+    _load_vae(workdir)
+    return build_text_encoder(cfg).get_input_embeddings().weight.detach()
+
+
+def ema_pack(workdir: Path, out: Path) -> Path:
+    """Write what a GPU run must bring back to export its model: the EMA weights (text encoder + UNet) in fp16
+    and the checkpoint's metadata and training log (``out`` + ``out.json``), small enough for the device
+    tool's 16 MiB per file (12.3 MiB for candB's architecture; see
+    benchmarks/results/shapes_self_attention_candidates.md).
+
+    Unlike :func:`pack` it cannot resume training (no raw weights, no optimizer state); :func:`ema_unpack`
+    turns it into a workdir that ``export`` reads. Of the 49,408-row token embedding it keeps the rows
+    training looked up (a non-zero second moment). Every other row never had a gradient: weight decay
+    and the EMA only scale it, all by the same factor, so it is stored as that one factor times the run's
+    seeded initialisation (``embedding_scale``; the largest difference that leaves, over those rows, is
+    recorded as ``embedding_scale_max_error``: rounding-level)."""
+    from safetensors.torch import load_file, save_file
+
+    workdir = Path(workdir)
+    ckpt = workdir / "unet.safetensors"
+    if not ckpt.exists():
+        raise SystemExit(f"no UNet checkpoint at {ckpt}: nothing to pack")
+    side = json.loads(ckpt.with_name(ckpt.name + ".json").read_text())
+    meta = side["meta"]
+    if meta.get("ema_only"):
+        raise SystemExit(f"{ckpt} was itself unpacked from an EMA pack; pack the run it came from")
+    tensors = load_file(str(ckpt))
+    embedding = "embeddings.token_embedding.weight"
+    sq = next(v for k, v in tensors.items()
+              if k.startswith("opt#") and k.endswith("/exp_avg_sq") and v.shape[0] == VOCAB_SIZE)
+    used = sq.abs().sum(1) > 0
+    rows = torch.nonzero(used).flatten()
+    cfg = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
+    init = _seeded_text_init(workdir, cfg, meta["seed"])
+    packed: dict[str, torch.Tensor] = {"embedding_rows": rows}
+    info: dict = {"vocab_size": VOCAB_SIZE}
+    for key, value in tensors.items():
+        if not key.startswith(EMA_PACK_KEYS):
+            continue
+        if key.endswith(embedding):
+            rest, base = value[~used].double(), init[~used].double()
+            c = float((rest * base).sum() / (base * base).sum()) if len(base) else 1.0
+            info["embedding_scale"] = c
+            info["embedding_scale_max_error"] = float((rest - c * base).abs().max()) if len(base) else 0.0
+            value = value[rows]
+        packed[key] = value.to(torch.float16) if value.is_floating_point() else value
+    log = workdir / "unet_log.jsonl"
+    info["log"] = log.read_text().splitlines() if log.exists() else []
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda tmp: save_file(packed, str(tmp)))
+    atomic_write(out.with_name(out.name + ".json"),
+                 lambda tmp: tmp.write_text(json.dumps({"meta": meta, "optimizers": {}, "ema_pack": info})))
+    return out
+
+
+def ema_unpack(src: Path, workdir: Path, vae: Path | None = None) -> Path:
+    """Rebuild from :func:`ema_pack`'s file a workdir that ``export`` reads: ``vae.safetensors`` (copied from
+    ``vae``, default ``checkpoints/shapes-vae.safetensors``, where the workdir has none), an EMA-only
+    ``unet.safetensors`` (fp32) whose metadata says so, and the training log. The unpacked workdir exports;
+    it cannot resume training (``pack``/``unpack`` carry a resumable run)."""
+    from safetensors.torch import load_file, save_file
+
+    src, workdir = Path(src), Path(workdir)
+    packed = load_file(str(src))
+    side = json.loads(src.with_name(src.name + ".json").read_text())
+    info = side.pop("ema_pack")
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not (workdir / "vae.safetensors").exists():
+        vae = Path(vae or PACK.with_name("shapes-vae.safetensors"))
+        for suffix in ("", ".json"):
+            shutil.copyfile(f"{vae}{suffix}", workdir / f"vae.safetensors{suffix}")
+    meta = side["meta"]
+    cfg = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
+    init = _seeded_text_init(workdir, cfg, meta["seed"])
+    rows = packed.pop("embedding_rows")
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in packed.items():
+        value = value.float() if value.is_floating_point() else value
+        if key.endswith("embeddings.token_embedding.weight"):
+            full = init * info["embedding_scale"]
+            full[rows] = value
+            value = full
+        tensors[key] = value.contiguous()
+    meta["ema_only"] = True
+    ckpt = workdir / "unet.safetensors"
+    atomic_write(ckpt, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(ckpt.with_name(ckpt.name + ".json"), lambda tmp: tmp.write_text(json.dumps(side)))
+    if info["log"]:
+        (workdir / "unet_log.jsonl").write_text("\n".join(info["log"]) + "\n")
+    return ckpt
+
+
 def copy_file(src: Path, dst: Path) -> None:
     """Put a copy of ``src`` at ``dst`` (replacing a file or link there). The embedded model's tokenizer files
     are real copies of the package's own: the repository holds no symbolic links (issue 21, Windows checkouts)."""
@@ -793,6 +960,8 @@ def _trained(stage: Stage, workdir: Path, use_ema: bool):
     tokenizer = stage.tokenizer()
     text = stage.text_encoder(cfg, tokenizer)
     model = stage.denoiser(cfg, vae.config.latent_channels, _latent_side(vae, cfg))
+    if not use_ema and meta.get("ema_only"):
+        raise SystemExit(f"{ckpt} holds only EMA weights (from ema-unpack): export it without --raw")
     prefix = "ema_" if use_ema else ""
     load_checkpoint(ckpt, {f"{prefix}text": text, f"{prefix}{stage.name}": model}, {})
     vae.register_to_config(scaling_factor=meta["scaling_factor"])
@@ -936,8 +1105,8 @@ def text_path_current(folder: Path = EMBEDDED, record: Path = TEXT_PATH) -> bool
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tools.shapes_model.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["vae", "unet", "dit", "export", "card", "pack", "unpack", "text-path-current",
-                                          "canonical-keys"],
+    parser.add_argument("stage", choices=["vae", "unet", "dit", "export", "card", "pack", "unpack", "ema-pack",
+                                          "ema-unpack", "text-path-current", "canonical-keys"],
                         help="dit: train the Shapes DiT (PixArt-alpha's architecture, a T5 encoder; DiTConfig) on the "
                         "same VAE, data and recipe as the unet stage, its checkpoint WORKDIR/dit.safetensors; "
                         "card: rewrite the model card (README.md) of the --out folder from its training.json and "
@@ -954,9 +1123,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     parser.add_argument("--tiny", action="store_true", help="tiny configs, for tests")
-    parser.add_argument("--device", default="cpu",
-                        help="unet, dit: where to train (cuda on a GPU machine; default cpu); data and noise are drawn "
-                        "on the CPU either way")
     parser.add_argument("--snr-floor", type=float, default=None,
                         help="unet, dit: x0-weight floor added to min-SNR weighting (UNetConfig.snr_floor; default: the "
                         "checkpoint's value, or 0 for a new run)")
@@ -979,6 +1145,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=None,
                         help="unet (new runs): render the world at this size for the UNet (default 64; 128 gives "
                              "32x32 latents through the same VAE)")
+    parser.add_argument("--device", default="cpu",
+                        help="vae, unet, dit: where the models, batches and noise live (cpu, cuda, cuda:1, ...; default "
+                        "cpu). The random draws stay on CPU generators, so a CPU run is unchanged")
+    parser.add_argument("--budget-minutes", type=float, default=None,
+                        help="unet, dit: stop cleanly (checkpoint saved) before the wall time since the start exceeds "
+                        "this; run the same command again to resume")
+    parser.add_argument("--stop-at", type=int, default=None,
+                        help="unet, dit: stop (checkpoint saved) at this step of the --steps schedule")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="unet, dit on CUDA: fp32 (default), tf32 matmuls, or bf16 autocast forward passes")
     parser.add_argument("--out", type=Path, help="export, card: the diffusers folder to write")
     parser.add_argument("--denoiser", choices=sorted(STAGES), default="unet",
                         help="export: which stage's checkpoint to export (unet: a StableDiffusionPipeline, dit: a "
@@ -989,6 +1165,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pack", type=Path, default=PACK,
                         help="pack, unpack: the compact resumable copy of the UNet stage to write or read "
                         "(default checkpoints/shapes-unet-resume.safetensors)")
+    parser.add_argument("--ema-pack", type=Path, default=None,
+                        help="ema-pack, ema-unpack: the EMA weights + metadata file a GPU run brings back (default "
+                        "WORKDIR/ema-pack.safetensors)")
     parser.add_argument("--results", type=Path, default=None,
                         help="card: the quality bar's results (default benchmarks/results/shapes_quality.json)")
     args = parser.parse_args(argv)
@@ -1003,7 +1182,7 @@ def main(argv: list[str] | None = None) -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.stage == "vae":
         train_vae(args.workdir, args.steps, TINY_VAE if args.tiny else VAEConfig(), args.seed,
-                  args.save_every, args.eval_every)
+                  args.save_every, args.eval_every, device=args.device)
     elif args.stage == "unet":
         arch = {"layers_per_block": args.layers_per_block, "transformer_layers": args.transformer_layers,
                 "attention_levels": tuple(args.attention_levels) if args.attention_levels else None,
@@ -1012,15 +1191,21 @@ def main(argv: list[str] | None = None) -> None:
         train_unet(args.workdir, args.steps, cfg, args.seed, args.save_every,
                    snr_floor=args.snr_floor, latent_std=args.latent_std,
                    prediction_type=args.prediction_type, text_table_steps=args.text_table_steps,
-                   device=args.device)
+                   device=args.device, budget_minutes=args.budget_minutes, precision=args.precision,
+                   stop_at=args.stop_at)
     elif args.stage == "dit":
         train_dit(args.workdir, args.steps, TINY_DIT if args.tiny else DiTConfig(), args.seed, args.save_every,
                   snr_floor=args.snr_floor, latent_std=args.latent_std, prediction_type=args.prediction_type,
-                  text_table_steps=args.text_table_steps, device=args.device)
+                  text_table_steps=args.text_table_steps, device=args.device, budget_minutes=args.budget_minutes,
+                  precision=args.precision, stop_at=args.stop_at)
     elif args.stage == "pack":
         print(pack(args.workdir, args.pack))
     elif args.stage == "unpack":
         print(unpack(args.pack, args.workdir))
+    elif args.stage == "ema-pack":
+        print(ema_pack(args.workdir, args.ema_pack or args.workdir / "ema-pack.safetensors"))
+    elif args.stage == "ema-unpack":
+        print(ema_unpack(args.ema_pack or args.workdir / "ema-pack.safetensors", args.workdir))
     elif args.stage == "card":
         if args.out is None:
             parser.error("card needs --out (the exported model folder)")
