@@ -286,7 +286,7 @@ def test_card_shows_the_self_attention_targets_only_for_a_full_run_on_these_weig
     card = render_card(copy, tmp_path / "absent.json", self_attention_path=path, candidates_path=table)
     assert "| load-bearing self-attention | r1 | 2 of 12 readings changed | **not met** |" in card
     assert "| FPE keeps structure | r3 |" in card and "fpe every level (not a target)" in card
-    assert "| candB | --layers-per-block 1 | 300 | raw | 0.0783 | 6/8 | 0.333 | 0.333 | 0.667 |" in card
+    assert "| candB | --layers-per-block 1 | 300 | raw | 0.0783 | 6/8 | 0.333 | 0.333 | 0.667 | - | raw area |" in card
     for change in ({"model_fingerprint": "0" * 64}, {"quick": True}):  # other weights, or a slice: not shown
         path.write_text(json.dumps({**record, **change}))
         assert "Does the model use its self-attention?" not in render_card(

@@ -272,10 +272,12 @@ def _self_attention_section(record: dict | None, folder: Path, candidates: Path)
             lines += ["", f"Candidate recipes tried for a model whose self-attention carries the layout "
                           f"(`benchmarks/results/{candidates.name}`, short runs; see its .md for how each was run):", "",
                       "| run | recipe | UNet step | weights | FPE layers zeroed: pixel change | readings changed | "
-                      "`none` kept | `fpe` kept | `fpe` success |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                      "`none` kept | `fpe` kept | `fpe` success | `fpe` every level kept | structure rule |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
             lines += [f"| {r['run']} | {r['recipe']} | {r['unet_step']} | {r.get('weights') or 'raw'} | "
                       f"{r.get('fpe_self_pixel_change', '')} | {r.get('fpe_self_readings_changed', '')} | "
-                      f"{r.get('none_kept', '')} | {r.get('fpe_kept', '')} | {r.get('fpe_success', '')} |" for r in rows]
+                      f"{r.get('none_kept', '')} | {r.get('fpe_kept', '')} | {r.get('fpe_success', '')} | "
+                      f"{r.get('fpe_every_level_kept') or '-'} | {r.get('structure_rule') or 'raw area'} |" for r in rows]
     return lines
 
 
