@@ -44,7 +44,7 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason=f"diffusion transformers need diffusers >= {MIN_DIFFUSERS}")
     for item in items:
         if ("needs_dit_diffusers" in item.keywords and "dit_version_check" not in item.keywords) or item.name.startswith(
-                ("attnlens._dit.", "attnlens._joint.", "attnlens._testing.tiny_sd3", "attnlens._testing.tiny_flux",
+                ("attnlens._dit.", "attnlens._joint.", "attnlens._concepts.", "attnlens._testing.tiny_sd3", "attnlens._testing.tiny_flux",
                  "attnlens._testing.tiny_pixart", "attnlens._testing.t5_style")):
             item.add_marker(skip)
 
