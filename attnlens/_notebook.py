@@ -54,7 +54,8 @@ def default_threads() -> int:
 
 
 def set_threads(threads: int | None = None) -> int:
-    """Set torch's CPU threads for this process and return the number set.
+    """Set torch's CPU threads, and the BLAS/OpenMP pools numpy and scikit-learn use, for this process; return
+    the number set.
 
     ``threads`` defaults to ``default_threads()`` (``$ATTNLENS_THREADS``, ``$OMP_NUM_THREADS``, or the
     available cores minus one). Inter-op threads are set to 1 when torch still allows it. The chapters
@@ -78,6 +79,12 @@ def set_threads(threads: int | None = None) -> int:
     try:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already set, or parallel work already ran: keep torch's
+        pass
+    try:  # numpy's BLAS and OpenMP pools (scikit-learn's probes) too: with one core busy, a 2-thread BLAS
+        from threadpoolctl import threadpool_limits  # spin-waited the MLP probe of chapter 5 to 18x its idle time
+
+        threadpool_limits(limits=n)
+    except ImportError:  # scikit-learn brings threadpoolctl; without it only torch's threads are set
         pass
     return n
 
