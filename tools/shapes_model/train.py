@@ -797,22 +797,11 @@ def unpack(src: Path, workdir: Path, vae: Path | None = None) -> Path:
     run resumes at the packed step; the switch to rounded weights and a reset first moment is recorded
     as a recipe change, so the model card reports it.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     src, workdir = Path(src), Path(workdir)
-    packed = load_file(str(src))
-    side = json.loads(src.with_name(src.name + ".json").read_text())
-    info = side.pop("pack")
-    workdir.mkdir(parents=True, exist_ok=True)
-    if not (workdir / "vae.safetensors").exists():
-        vae = Path(vae or PACK.with_name("shapes-vae.safetensors"))
-        for suffix in ("", ".json"):
-            shutil.copyfile(f"{vae}{suffix}", workdir / f"vae.safetensors{suffix}")
-    meta = side["meta"]
-    cfg = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
-    torch.manual_seed(meta["seed"])  # the order train_unet builds its modules in, so the same initialisation
-    _load_vae(workdir)
-    init = build_text_encoder(cfg).get_input_embeddings().weight.detach()
+    packed, side, info, meta, cfg = _open_pack(src, workdir, vae, "pack")
+    init = _seeded_text_init(workdir, cfg, meta["seed"])
     rows = packed.pop("embedding_rows")
     embedding = "embeddings.token_embedding.weight"  # under text/ and ema_text/ (with or without text_model.)
     sq = f"opt#{info['embedding_state_index']}/exp_avg_sq"
@@ -902,24 +891,33 @@ def ema_pack(workdir: Path, out: Path) -> Path:
     return out
 
 
-def ema_unpack(src: Path, workdir: Path, vae: Path | None = None) -> Path:
-    """Rebuild from :func:`ema_pack`'s file a workdir that ``export`` reads: ``vae.safetensors`` (copied from
-    ``vae``, default ``checkpoints/shapes-vae.safetensors``, where the workdir has none), an EMA-only
-    ``unet.safetensors`` (fp32) whose metadata says so, and the training log. The unpacked workdir exports;
-    it cannot resume training (``pack``/``unpack`` carry a resumable run)."""
-    from safetensors.torch import load_file, save_file
+def _open_pack(src: Path, workdir: Path, vae: Path | None, key: str) -> tuple[dict, dict, dict, dict, UNetConfig]:
+    """What :func:`unpack` and :func:`ema_unpack` both start with: the packed tensors and sidecar (its ``key``
+    entry popped as ``info``), ``workdir`` made and given the VAE (copied from ``vae``, default the shipped VAE
+    stage, where it has none), the checkpoint meta and its UNet config."""
+    from safetensors.torch import load_file
 
-    src, workdir = Path(src), Path(workdir)
     packed = load_file(str(src))
     side = json.loads(src.with_name(src.name + ".json").read_text())
-    info = side.pop("ema_pack")
+    info = side.pop(key)
     workdir.mkdir(parents=True, exist_ok=True)
     if not (workdir / "vae.safetensors").exists():
         vae = Path(vae or PACK.with_name("shapes-vae.safetensors"))
         for suffix in ("", ".json"):
             shutil.copyfile(f"{vae}{suffix}", workdir / f"vae.safetensors{suffix}")
     meta = side["meta"]
-    cfg = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
+    return packed, side, info, meta, _config(UNET, meta["config"])
+
+
+def ema_unpack(src: Path, workdir: Path, vae: Path | None = None) -> Path:
+    """Rebuild from :func:`ema_pack`'s file a workdir that ``export`` reads: ``vae.safetensors`` (copied from
+    ``vae``, default ``checkpoints/shapes-vae.safetensors``, where the workdir has none), an EMA-only
+    ``unet.safetensors`` (fp32) whose metadata says so, and the training log. The unpacked workdir exports;
+    it cannot resume training (``pack``/``unpack`` carry a resumable run)."""
+    from safetensors.torch import save_file
+
+    src, workdir = Path(src), Path(workdir)
+    packed, side, info, meta, cfg = _open_pack(src, workdir, vae, "ema_pack")
     init = _seeded_text_init(workdir, cfg, meta["seed"])
     rows = packed.pop("embedding_rows")
     tensors: dict[str, torch.Tensor] = {}
