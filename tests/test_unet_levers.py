@@ -62,3 +62,20 @@ def test_image_size_renders_the_world_larger_for_the_unet_through_the_same_vae(t
     assert max(max(i.resolution) for i in attnlens.layers(pipe)) == 32
     image = pipe("a red star", num_inference_steps=1).images[0]
     assert image.size == (128, 128)
+
+
+def test_block_out_channels_sets_the_levels_and_a_resumed_run_keeps_them(tmp_path):
+    import attnlens
+
+    work = tmp_path / "run"
+    train.main(["vae", "--tiny", "--workdir", str(work), "--steps", "1", "--save-every", "1", "--eval-every", "1000"])
+    train.main(["unet", "--tiny", "--workdir", str(work), "--steps", "1", "--save-every", "1", "--image-size", "128",
+                "--block-out-channels", "16", "16", "16", "16", "--layers-per-block", "1",
+                "--attention-levels", "1", "2", "3"])
+    train.main(["unet", "--tiny", "--workdir", str(work), "--steps", "2", "--save-every", "1"])  # resumed: kept
+    meta = json.loads((work / "unet.safetensors.json").read_text())["meta"]
+    assert meta["step"] == 2 and meta["config"]["block_out_channels"] == [16, 16, 16, 16]
+    pipe = attnlens.load_pipeline(train.export(work, tmp_path / "pipe"), device="cpu")
+    assert tuple(pipe.unet.config.down_block_types) == ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3
+    grids = {i.resolution for i in attnlens.layers(pipe) if i.kind == "self"}
+    assert grids == {(16, 16), (8, 8), (4, 4)}  # 32x32 latents, no attention at the latent's own grid
