@@ -70,11 +70,12 @@ def test_block_out_channels_sets_the_levels_and_a_resumed_run_keeps_them(tmp_pat
     work = tmp_path / "run"
     train.main(["vae", "--tiny", "--workdir", str(work), "--steps", "1", "--save-every", "1", "--eval-every", "1000"])
     train.main(["unet", "--tiny", "--workdir", str(work), "--steps", "1", "--save-every", "1", "--image-size", "128",
-                "--block-out-channels", "16", "16", "16", "16", "--layers-per-block", "1",
+                "--block-out-channels", "16", "16", "16", "16", "--layers-per-block", "1", "--attention-heads", "1",
                 "--attention-levels", "1", "2", "3"])
     train.main(["unet", "--tiny", "--workdir", str(work), "--steps", "2", "--save-every", "1"])  # resumed: kept
     meta = json.loads((work / "unet.safetensors.json").read_text())["meta"]
     assert meta["step"] == 2 and meta["config"]["block_out_channels"] == [16, 16, 16, 16]
+    assert meta["config"]["attention_heads"] == 1
     pipe = attnlens.load_pipeline(train.export(work, tmp_path / "pipe"), device="cpu")
     assert tuple(pipe.unet.config.down_block_types) == ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3
     grids = {i.resolution for i in attnlens.layers(pipe) if i.kind == "self"}

@@ -198,7 +198,7 @@ class DiTConfig(Recipe):
     max_text_tokens: int = 32
 
 
-ARCHITECTURE = ("block_out_channels", "layers_per_block", "transformer_layers", "attention_levels", "image_size")
+ARCHITECTURE = ("block_out_channels", "attention_heads", "layers_per_block", "transformer_layers", "attention_levels", "image_size")
 """UNet fields a new run takes from the command line and a resumed run from its checkpoint."""
 
 DIT_ARCHITECTURE = ("layers", "hidden", "heads", "patch_size", "image_size", "text_width", "text_layers", "text_heads",
@@ -1137,6 +1137,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="unet, new runs: channels per UNet level, one level per number (UNetConfig."
                         "block_out_channels; default 32 64 128). With --image-size 128, four levels (e.g. 32 64 64 128) "
                         "keep the lowest grid at 4x4")
+    parser.add_argument("--attention-heads", type=int, default=None,
+                        help="unet, new runs: heads per attention layer (UNetConfig.attention_heads; default 4). Fewer "
+                        "heads make a 32x32 grid's maps cheaper to train on CPU")
     parser.add_argument("--layers-per-block", type=int, default=None,
                         help="unet, new runs: ResNet layers per UNet block (UNetConfig.layers_per_block; default 2)")
     parser.add_argument("--transformer-layers", type=int, default=None,
@@ -1187,7 +1190,7 @@ def main(argv: list[str] | None = None) -> None:
                   args.save_every, args.eval_every, device=args.device)
     elif args.stage == "unet":
         arch = {"block_out_channels": tuple(args.block_out_channels) if args.block_out_channels else None,
-                "layers_per_block": args.layers_per_block, "transformer_layers": args.transformer_layers,
+                "attention_heads": args.attention_heads, "layers_per_block": args.layers_per_block, "transformer_layers": args.transformer_layers,
                 "attention_levels": tuple(args.attention_levels) if args.attention_levels else None,
                 "image_size": args.image_size}
         cfg = replace(TINY_UNET if args.tiny else UNetConfig(), **{k: v for k, v in arch.items() if v is not None})
