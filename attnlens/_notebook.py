@@ -286,8 +286,8 @@ def oracle_notice(pipe, scope: str = "edits"):
     """In a chapter whose scores read images with the Shapes oracle: nothing on a Shapes model; on any
     other model a Markdown notice (shown as the set-up cell's output) that those readings do not apply.
     ``scope="edits"``: the chapter scores its edits with :class:`attnlens.CLIPMetrics` instead (through
-    :func:`edit_scorer`, whose ``notice`` also names where CLIP was loaded from); ``scope="probing"``: its
-    probe labels stay the oracle's and are marked so.
+    :func:`edit_scorer`, whose ``notice`` also names where CLIP was loaded from); ``"benchmark"``, ``"readings"``
+    and ``"probing"``: see :meth:`EditScorer.notice`.
 
     Example:
         >>> from attnlens._testing import tiny_pipeline
@@ -389,6 +389,28 @@ class EditScorer:
         """Means of the CLIP columns per value of ``by`` (a column name or list of them)."""
         return frame.groupby(by, sort=False)[list(CLIP_COLUMNS)].mean()
 
+    def view(self, frame, columns):
+        """``frame[columns]`` on a Shapes model; on another, the columns it has plus the CLIP columns."""
+        if self.oracle:
+            return frame[list(columns)]
+        return frame[[c for c in columns if c in frame.columns and c not in CLIP_COLUMNS] + list(CLIP_COLUMNS)]
+
+    def box(self, frame, by="method", what="edits on this page"):
+        """The "this model and the paper" box on a non-Shapes model, generated from ``frame``'s CLIP figures:
+        a Markdown list saying the oracle's figures were not measured and giving each group's mean CLIP score
+        and directional similarity."""
+        from IPython.display import Markdown
+
+        means = self.summary(frame, by)
+        per = "; ".join(f"`{k}`: CLIP score {r['clip_edit']:.1f}, directional {r['directional']:+.2f}"
+                        for k, r in means.iterrows())
+        return Markdown(
+            f"- The oracle's figures and the recorded ShapesEdit benchmarks (the embedded Shapes model's) were "
+            f"{NOT_MEASURED.replace('the CLIP figures above are', 'CLIP is')} on `{self.model}`.\n"
+            f"- Measured here with CLIP over the {len(frame)} {what} (means per {by}, the edit against its target "
+            f"prompt and the image change against the prompt change): {per}. This is one page's handful of edits "
+            "with no rule written before the run, so it states the figures and no verdict.")
+
     def not_measured(self, numbers=(), texts=()) -> None:
         """Glue ``numbers`` as ``nan`` and ``texts`` as :data:`NOT_MEASURED` (a no-op on a Shapes model)."""
         if self.oracle:
@@ -403,7 +425,11 @@ class EditScorer:
 
     def notice(self, scope: str = "edits"):
         """The set-up cell's notice on a non-Shapes model, ``None`` on a Shapes model. ``scope``: ``"edits"`` (the
-        chapter's edit scores switch to CLIP) or ``"probing"`` (its probe labels stay the oracle's)."""
+        chapter's edit scores switch to CLIP), ``"benchmark"`` (its records are the Shapes model's, its live
+        edits switch to CLIP), ``"readings"`` (it scores no edits; its oracle readings are marked) or
+        ``"probing"`` (its probe labels stay the oracle's)."""
+        if scope not in NOTICE_SCOPES:
+            raise AttnlensError(f"scope must be one of {', '.join(map(repr, NOTICE_SCOPES))}, got {scope!r}")
         if self.oracle:
             return None
         from IPython.display import Markdown
@@ -411,21 +437,35 @@ class EditScorer:
         return Markdown(_notice_text(self.model, scope, self.clip_source))
 
 
+NOTICE_SCOPES = ("edits", "benchmark", "readings", "probing")
+
+
 def _notice_text(name: str, scope: str, clip_source: str | None = None) -> str:
+    if scope not in NOTICE_SCOPES:
+        raise AttnlensError(f"scope must be one of {', '.join(map(repr, NOTICE_SCOPES))}, got {scope!r}")
     head = (f"**Not a Shapes model** (`{name}`): the Shapes oracle (`attnlens.shapes.oracle`) knows only the "
             "Shapes world, so its readings of this model's images mean nothing. ")
     if scope == "probing":
         return head + (
-            "This chapter's probe labels and the figures drawn from them stay the oracle's and are marked so; the "
-            "images, maps and features are this model's. Edits are scored with `attnlens.CLIPMetrics` in the "
-            "editing chapters.")
+            "This chapter's probes stay labelled by the oracle: the `seen_*` labels (what the oracle reads in each "
+            "image) and every figure drawn from them are not measurements on this model; the prompt labels, images, "
+            "maps and features are this model's. The editing chapters score edits with `attnlens.CLIPMetrics`.")
+    if scope == "readings":
+        return head + (
+            "This chapter scores no edits: its oracle readings (the layout of Step 1, the readings the ablation "
+            "changes) are shown as they come and are not measurements on this model, and its box on the paper says "
+            "\"not measured\". The maps, images and pixel changes are this model's. The editing chapters score "
+            "edits with `attnlens.CLIPMetrics`.")
     where = (f"loaded from `{clip_source}` (`${CLIP_ENV}`)" if clip_source else
              f"loaded from `${CLIP_ENV}` (default `{DEFAULT_CLIP}`) when the chapter's scorer is made")
-    return head + (
-        "This chapter therefore scores its edits with `attnlens.CLIPMetrics` (CLIP score of each image against "
-        "its prompt, and CLIP directional similarity, the paper's two metrics), "
-        f"{where}, and its oracle figures and verdicts read \"not measured\". The images, maps "
-        "and edits are this model's.")
+    what = ("This chapter's recorded results are the embedded Shapes model's (oracle readings of its images, "
+            "named with the model they were recorded on); its live slice is scored with `attnlens.CLIPMetrics` "
+            if scope == "benchmark" else
+            "This chapter therefore scores its edits with `attnlens.CLIPMetrics` ")
+    return head + what + (
+        "(CLIP score of each image against its prompt, and CLIP directional similarity, the paper's two metrics), "
+        f"{where}, and its oracle figures and verdicts read \"not measured\". The images, maps and edits are this "
+        "model's.")
 
 
 def edit_scorer(pipe, clip=None) -> EditScorer:
