@@ -405,11 +405,11 @@ class EditScorer:
         per = "; ".join(f"`{k}`: CLIP score {r['clip_edit']:.1f}, directional {r['directional']:+.2f}"
                         for k, r in means.iterrows())
         return Markdown(
-            f"- The oracle's figures and the recorded ShapesEdit benchmarks (the embedded Shapes model's) were "
-            f"{NOT_MEASURED.replace('the CLIP figures above are', 'CLIP is')} on `{self.model}`.\n"
-            f"- Measured here with CLIP over the {len(frame)} {what} (means per {by}, the edit against its target "
-            f"prompt and the image change against the prompt change): {per}. This is one page's handful of edits "
-            "with no rule written before the run, so it states the figures and no verdict.")
+            f"- Not measured on `{self.model}` with the oracle: it reads only Shapes images, and the recorded "
+            "benchmarks are the embedded Shapes model's, so neither gives a verdict about this model.\n"
+            f"- Measured here with CLIP over the {len(frame)} {what} (means per {by}: CLIP score of the edit against "
+            f"its target prompt, directional similarity of the image change against the prompt change): {per}. "
+            "A handful of edits with no rule written before the run: figures, no verdict.")
 
     def not_measured(self, numbers=(), texts=()) -> None:
         """Glue ``numbers`` as ``nan`` and ``texts`` as :data:`NOT_MEASURED` (a no-op on a Shapes model)."""

@@ -204,4 +204,4 @@ def test_chapter_scoring_path_runs_on_the_sd15_configuration():
     assert np.isfinite(figures[["clip_source", "clip_edit", "directional"]].to_numpy()).all()
     assert scorer.summary(scores).shape == (2, 3)
     box = scorer.box(scores, "method").data
-    assert "not measured on this model" in box and "`fpe`: CLIP score" in box and "`none`: CLIP score" in box
+    assert "Not measured on" in box and "`fpe`: CLIP score" in box and "`none`: CLIP score" in box
