@@ -286,8 +286,8 @@ def oracle_notice(pipe, scope: str = "edits"):
     """In a chapter whose scores read images with the Shapes oracle: nothing on a Shapes model; on any
     other model a Markdown notice (shown as the set-up cell's output) that those readings do not apply.
     ``scope="edits"``: the chapter scores its edits with :class:`attnlens.CLIPMetrics` instead (through
-    :func:`edit_scorer`, whose ``notice`` also names where CLIP was loaded from); ``"benchmark"``, ``"readings"``
-    and ``"probing"``: see :meth:`EditScorer.notice`.
+    :func:`attnlens.viz.edit_scorer`, whose ``notice`` also names where CLIP was loaded from); ``"benchmark"``,
+    ``"readings"`` and ``"probing"``: see ``EditScorer.notice``.
 
     Example:
         >>> from attnlens._testing import tiny_pipeline
@@ -344,7 +344,7 @@ class EditScorer:
       a DataFrame of ``n`` rows.
     - ``summary(frame, by)``: the CLIP columns' means per group (a DataFrame, one row per group).
     - ``not_measured(numbers, texts)``: on a non-Shapes model, glues each name of ``numbers`` as ``nan``
-      and each of ``texts`` as the sentence :data:`NOT_MEASURED`, so a page's oracle figures and verdicts
+      and each of ``texts`` as the sentence ``NOT_MEASURED``, so a page's oracle figures and verdicts
       are never produced from oracle readings there.
     - ``notice(scope)``: the set-up cell's Markdown notice on a non-Shapes model (``None`` on Shapes).
 
@@ -412,7 +412,7 @@ class EditScorer:
             "A handful of edits with no rule written before the run: figures, no verdict.")
 
     def not_measured(self, numbers=(), texts=()) -> None:
-        """Glue ``numbers`` as ``nan`` and ``texts`` as :data:`NOT_MEASURED` (a no-op on a Shapes model)."""
+        """Glue ``numbers`` as ``nan`` and ``texts`` as ``NOT_MEASURED`` (a no-op on a Shapes model)."""
         if self.oracle:
             return
         from IPython.display import Markdown
