@@ -282,10 +282,12 @@ def is_shapes_model(pipe) -> bool:
     return record.is_file() and "unet_step" in record.read_text()
 
 
-def oracle_notice(pipe):
+def oracle_notice(pipe, scope: str = "edits"):
     """In a chapter whose scores read images with the Shapes oracle: nothing on a Shapes model; on any
-    other model a Markdown notice (shown as the set-up cell's output) that those readings do not apply
-    and that :class:`attnlens.CLIPMetrics` is the measure there.
+    other model a Markdown notice (shown as the set-up cell's output) that those readings do not apply.
+    ``scope="edits"``: the chapter scores its edits with :class:`attnlens.CLIPMetrics` instead (through
+    :func:`attnlens.viz.edit_scorer`, whose ``notice`` also names where CLIP was loaded from); ``"benchmark"``,
+    ``"readings"`` and ``"probing"``: see ``EditScorer.notice``.
 
     Example:
         >>> from attnlens._testing import tiny_pipeline
@@ -298,9 +300,185 @@ def oracle_notice(pipe):
     from IPython.display import Markdown
 
     name = getattr(pipe, "name_or_path", None) or type(pipe).__name__
-    return Markdown(
-        f"**Not a Shapes model** (`{name}`): this chapter's scores read images with the Shapes oracle "
-        "(`attnlens.shapes.oracle`), which knows only the Shapes world, so on this model its readings, "
-        "verdicts and the numbers taken from them mean nothing. The images, maps and edits are this model's. "
-        "Measure edits here with `attnlens.CLIPMetrics` (CLIP score and directional similarity, the paper's "
-        "metrics); this chapter does not switch to it by itself.")
+    return Markdown(_notice_text(str(name), scope))
+
+
+# ------------------------------------------------------------------------------------ scoring edits
+CLIP_ENV = "ATTNLENS_CLIP"  # where the chapters load CLIP from on a model other than Shapes
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # CLIPMetrics' default
+NOT_MEASURED = ("not measured on this model with the oracle (it reads only Shapes images); "
+                "the CLIP figures above are this model's measure")
+CLIP_COLUMNS = ("clip_source", "clip_edit", "directional")
+
+
+def _load_clip(clip=None):
+    """``clip`` (a ``CLIPMetrics``, a ``transformers.CLIPModel`` or where to load one), else ``$ATTNLENS_CLIP``,
+    else CLIPMetrics' default; an ``AttnlensError`` naming ``$ATTNLENS_CLIP`` when it cannot be loaded."""
+    from ._metrics import CLIPMetrics
+
+    if isinstance(clip, CLIPMetrics):
+        return clip
+    if clip is not None and not isinstance(clip, (str, bytes)) and not hasattr(clip, "__fspath__"):
+        return CLIPMetrics(clip)
+    source = str(clip) if clip is not None else (os.environ.get(CLIP_ENV, "").strip() or DEFAULT_CLIP)
+    try:
+        return CLIPMetrics(source)
+    except AttnlensError as exc:
+        raise AttnlensError(
+            f"this is not a Shapes model, so edits are scored with CLIP, but no CLIP model could be loaded from "
+            f"{source!r}: set ${CLIP_ENV} to a local folder holding a transformers CLIPModel with safetensors weights "
+            f"(for example a copy of {DEFAULT_CLIP}), or to a hub id where the hub can be reached ({exc})") from exc
+
+
+class EditScorer:
+    """How the chapters score edits: with the Shapes oracle on a Shapes model, with CLIP on any other.
+
+    Made by :func:`attnlens.viz.edit_scorer`. ``oracle`` says which; ``clip`` is the
+    :class:`attnlens.CLIPMetrics` used on a non-Shapes model (``None`` on a Shapes one).
+
+    - ``score(pair, source, edited)``: one edit's scores as a dict. Oracle: ``editbench.score`` (success,
+      leak, kept, iou, ...). CLIP: ``clip_source`` (CLIP score of the source image against the source
+      prompt), ``clip_edit`` (of the edit against the target prompt) and ``directional`` (CLIP directional
+      similarity: the image change from source to edit against the prompt change), the paper's two metrics.
+    - ``clip_table(sources, edits, source_prompts, target_prompts)``: the CLIP columns for ``n`` edits,
+      a DataFrame of ``n`` rows.
+    - ``summary(frame, by)``: the CLIP columns' means per group (a DataFrame, one row per group).
+    - ``not_measured(numbers, texts)``: on a non-Shapes model, glues each name of ``numbers`` as ``nan``
+      and each of ``texts`` as the sentence ``NOT_MEASURED``, so a page's oracle figures and verdicts
+      are never produced from oracle readings there.
+    - ``notice(scope)``: the set-up cell's Markdown notice on a non-Shapes model (``None`` on Shapes).
+
+    Example:
+        >>> from attnlens._testing import tiny_pipeline, tiny_clip
+        >>> import attnlens
+        >>> EditScorer(attnlens.load_pipeline()).oracle, EditScorer(tiny_pipeline(), clip=tiny_clip()).oracle
+        (True, False)
+    """
+
+    def __init__(self, pipe, clip=None) -> None:
+        self.oracle = is_shapes_model(pipe)
+        self.model = str(getattr(pipe, "name_or_path", None) or type(pipe).__name__)
+        self.clip = None if self.oracle else _load_clip(clip)
+        self.clip_source = None if self.oracle else (
+            str(clip) if isinstance(clip, (str, bytes)) or hasattr(clip, "__fspath__") else
+            "a CLIP model given in code" if clip is not None else os.environ.get(CLIP_ENV, "").strip() or DEFAULT_CLIP)
+
+    def score(self, pair, source, edited) -> dict:
+        """One edit's scores (see the class); ``pair`` is an ``editbench.EditPair`` (its prompts are used)."""
+        if self.oracle:
+            from .shapes import editbench
+
+            return editbench.score(pair, source, edited)
+        return self.clip_table([source], [edited], [pair.source_prompt], [pair.target_prompt]).iloc[0].to_dict()
+
+    def clip_table(self, sources, edits, source_prompts, target_prompts):
+        """``n`` edits' CLIP figures: a DataFrame with columns ``clip_source``, ``clip_edit``, ``directional``."""
+        import pandas as pd
+
+        if self.clip is None:
+            raise AttnlensError("clip_table needs CLIP: this scorer reads a Shapes model with the oracle; "
+                                "make one with edit_scorer(pipe, clip=...) on another model")
+        return pd.DataFrame({
+            "clip_source": self.clip.score(sources, source_prompts),
+            "clip_edit": self.clip.score(edits, target_prompts),
+            "directional": self.clip.directional(sources, edits, source_prompts, target_prompts),
+        }).astype(float)
+
+    @staticmethod
+    def summary(frame, by="method"):
+        """Means of the CLIP columns per value of ``by`` (a column name or list of them)."""
+        return frame.groupby(by, sort=False)[list(CLIP_COLUMNS)].mean()
+
+    def view(self, frame, columns):
+        """``frame[columns]`` on a Shapes model; on another, the columns it has plus the CLIP columns."""
+        if self.oracle:
+            return frame[list(columns)]
+        return frame[[c for c in columns if c in frame.columns and c not in CLIP_COLUMNS] + list(CLIP_COLUMNS)]
+
+    def box(self, frame, by="method", what="edits on this page"):
+        """The "this model and the paper" box on a non-Shapes model, generated from ``frame``'s CLIP figures:
+        a Markdown list saying the oracle's figures were not measured and giving each group's mean CLIP score
+        and directional similarity."""
+        from IPython.display import Markdown
+
+        means = self.summary(frame, by)
+        per = "; ".join(f"`{k}`: CLIP score {r['clip_edit']:.1f}, directional {r['directional']:+.2f}"
+                        for k, r in means.iterrows())
+        return Markdown(
+            f"- Not measured on `{self.model}` with the oracle: it reads only Shapes images, and the recorded "
+            "benchmarks are the embedded Shapes model's, so neither gives a verdict about this model.\n"
+            f"- Measured here with CLIP over the {len(frame)} {what} (means per {by}: CLIP score of the edit against "
+            f"its target prompt, directional similarity of the image change against the prompt change): {per}. "
+            "A handful of edits with no rule written before the run: figures, no verdict.")
+
+    def not_measured(self, numbers=(), texts=()) -> None:
+        """Glue ``numbers`` as ``nan`` and ``texts`` as ``NOT_MEASURED`` (a no-op on a Shapes model)."""
+        if self.oracle:
+            return
+        from IPython.display import Markdown
+        from myst_nb import glue
+
+        for name in numbers:
+            glue(name, float("nan"), display=False)
+        for name in texts:
+            glue(name, Markdown(NOT_MEASURED), display=False)
+
+    def notice(self, scope: str = "edits"):
+        """The set-up cell's notice on a non-Shapes model, ``None`` on a Shapes model. ``scope``: ``"edits"`` (the
+        chapter's edit scores switch to CLIP), ``"benchmark"`` (its records are the Shapes model's, its live
+        edits switch to CLIP), ``"readings"`` (it scores no edits; its oracle readings are marked) or
+        ``"probing"`` (its probe labels stay the oracle's)."""
+        if scope not in NOTICE_SCOPES:
+            raise AttnlensError(f"scope must be one of {', '.join(map(repr, NOTICE_SCOPES))}, got {scope!r}")
+        if self.oracle:
+            return None
+        from IPython.display import Markdown
+
+        return Markdown(_notice_text(self.model, scope, self.clip_source))
+
+
+NOTICE_SCOPES = ("edits", "benchmark", "readings", "probing")
+
+
+def _notice_text(name: str, scope: str, clip_source: str | None = None) -> str:
+    if scope not in NOTICE_SCOPES:
+        raise AttnlensError(f"scope must be one of {', '.join(map(repr, NOTICE_SCOPES))}, got {scope!r}")
+    head = (f"**Not a Shapes model** (`{name}`): the Shapes oracle (`attnlens.shapes.oracle`) knows only the "
+            "Shapes world, so its readings of this model's images mean nothing. ")
+    if scope == "probing":
+        return head + (
+            "This chapter's probes stay labelled by the oracle: the `seen_*` labels (what the oracle reads in each "
+            "image) and every figure drawn from them are not measurements on this model; the prompt labels, images, "
+            "maps and features are this model's. The editing chapters score edits with `attnlens.CLIPMetrics`.")
+    if scope == "readings":
+        return head + (
+            "This chapter scores no edits: its oracle readings (the layout of Step 1, the readings the ablation "
+            "changes) are shown as they come and are not measurements on this model, and its box on the paper says "
+            "\"not measured\". The maps, images and pixel changes are this model's. The editing chapters score "
+            "edits with `attnlens.CLIPMetrics`.")
+    where = (f"loaded from `{clip_source}` (`${CLIP_ENV}`)" if clip_source else
+             f"loaded from `${CLIP_ENV}` (default `{DEFAULT_CLIP}`) when the chapter's scorer is made")
+    what = ("This chapter's recorded results are the embedded Shapes model's (oracle readings of its images, "
+            "named with the model they were recorded on); its live slice is scored with `attnlens.CLIPMetrics` "
+            if scope == "benchmark" else
+            "This chapter therefore scores its edits with `attnlens.CLIPMetrics` ")
+    return head + what + (
+        "(CLIP score of each image against its prompt, and CLIP directional similarity, the paper's two metrics), "
+        f"{where}, and its oracle figures and verdicts read \"not measured\". The images, maps and edits are this "
+        "model's.")
+
+
+def edit_scorer(pipe, clip=None) -> EditScorer:
+    """The scorer the chapters use for edits: the Shapes oracle on a Shapes model (:func:`attnlens.is_shapes_model`),
+    :class:`attnlens.CLIPMetrics` on any other, loaded from ``clip`` (a ``CLIPMetrics``, a ``CLIPModel`` or where to
+    load one), else ``$ATTNLENS_CLIP`` (a local folder or hub id), else ``openai/clip-vit-large-patch14``.
+
+    Raises:
+        AttnlensError: not a Shapes model and no CLIP could be loaded; the message names ``$ATTNLENS_CLIP``.
+
+    Example:
+        >>> import attnlens
+        >>> edit_scorer(attnlens.load_pipeline()).oracle
+        True
+    """
+    return EditScorer(pipe, clip)

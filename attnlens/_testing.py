@@ -234,3 +234,17 @@ def tiny_flux_pipeline(seed: int = 0):
     )
     pipe.default_sample_size = 8  # latent side at the default size: 16x16 images
     return _ready(pipe)
+
+
+def tiny_clip(seed: int = 0):
+    """A random ``transformers.CLIPModel`` with one layer of width 32 per tower and 32x32 images (the
+    configuration of :class:`attnlens.CLIPMetrics`' example): CLIP's shapes, not its quality."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                                      vocab_size=49408),
+                     vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=32, patch_size=8),
+                     projection_dim=16)
+    return CLIPModel(cfg).eval()

@@ -33,7 +33,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from ._errors import AttnlensError, choices
-from ._notebook import OFFLINE_RENDERER, PAGE_RENDERER, oracle_notice, results_dir, setup_notebook
+from ._notebook import OFFLINE_RENDERER, PAGE_RENDERER, edit_scorer, oracle_notice, results_dir, setup_notebook
 
 if TYPE_CHECKING:  # plotly is an optional (book) dependency
     import plotly.graph_objects as go
@@ -48,6 +48,7 @@ __all__ = [
     "as_image", "attention_slider", "image_grid", "image_slider", "layer_grid", "mark", "overlay",
     "self_attention_grid", "self_attention_map", "self_attention_pca", "self_attention_slider",
     "results_dir", "setup_notebook", "step_grid", "word_grid", "OFFLINE_RENDERER", "PAGE_RENDERER", "oracle_notice",
+    "edit_scorer",
 ]
 
 

@@ -178,12 +178,14 @@ def score(pair: EditPair, source: Any, edited: Any) -> dict:
 def run(pipe: Any, methods: Sequence[str] = ("fpe", "p2p", "cross", "masactrl", "none"), seeds: int | Sequence[int] = 12,
         kinds: Sequence[str] = KINDS, real: bool = False, num_inference_steps: int = 25, guidance_scale: float = 7.5,
         progress: bool = True, on_row: Callable[[dict, Any], None] | None = None, version: str = VERSION,
-        **options: Any):
+        scorer: Callable[[EditPair, Any, Any], dict] | None = None, **options: Any):
     """Run methods over the pairs; returns a pandas DataFrame, one row per (track, method, pair).
 
     ``real=True`` runs the real-image track (rendered sources, DDIM inversion with an empty prompt, shared
     by all methods of a pair). ``options`` go to every method that accepts them. ``on_row(row, result)``
-    is called after each edit (for example to save images).
+    is called after each edit (for example to save images). ``scorer(pair, source, edited)`` gives each row's
+    scores: :func:`score` (the oracle) by default; on a model other than Shapes the chapters pass
+    ``attnlens.viz.edit_scorer(pipe).score`` (CLIP score and directional similarity).
     """
     import pandas as pd
     from tqdm.auto import tqdm
@@ -225,7 +227,7 @@ def run(pipe: Any, methods: Sequence[str] = ("fpe", "p2p", "cross", "masactrl", 
             row = {"version": version, "track": "real" if real else "generated", "method": m, "kind": pair.kind,
                    "seed": pair.seed, "source_prompt": pair.source_prompt, "target_prompt": pair.target_prompt,
                    "source_value": pair.source_value, "target_value": pair.target_value,
-                   "seconds": time.perf_counter() - t0, **score(pair, source, result.edited)}
+                   "seconds": time.perf_counter() - t0, **(scorer or score)(pair, source, result.edited)}
             rows.append(row)
             if on_row is not None:
                 on_row(row, result)
