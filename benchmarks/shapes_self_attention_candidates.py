@@ -24,7 +24,8 @@ from tools.shapes_model.train import UNetConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
-RECIPE_FLAGS = {"layers_per_block": "--layers-per-block", "transformer_layers": "--transformer-layers",
+RECIPE_FLAGS = {"block_out_channels": "--block-out-channels", "attention_heads": "--attention-heads",
+                "layers_per_block": "--layers-per-block", "transformer_layers": "--transformer-layers",
                 "attention_levels": "--attention-levels", "image_size": "--image-size"}
 
 
